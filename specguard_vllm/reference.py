@@ -45,7 +45,8 @@ class StepRecord:
     text: str
     source: Literal["draft", "target"]
     decision: StepDecision | None = None
-    drafted_ids: list[int] = field(default_factory=list)
+    drafted_ids: list[int] = field(default_factory=list)  # the step the target verified
+    verified_context_len: int | None = None  # prompt + committed tokens it was verified after
 
     def to_json(self) -> dict:
         d = self.decision
@@ -289,6 +290,7 @@ class ReferenceDecoder:
         step_tokens: list[int] = []  # committed tokens of the open step
         pending_decision: StepDecision | None = None
         pending_draft: list[int] = []
+        pending_context_len: int | None = None
         regenerating = False
         counters = {"target": 0, "draft": 0}
 
@@ -300,11 +302,12 @@ class ReferenceDecoder:
             counters["target"] += 1
 
         def close_step(source: str) -> None:
-            nonlocal step_tokens, pending_decision, pending_draft
+            nonlocal step_tokens, pending_decision, pending_draft, pending_context_len
             if step_tokens:
                 steps.append(StepRecord(list(step_tokens), self.decode(step_tokens), source,
-                                        pending_decision, list(pending_draft)))
+                                        pending_decision, list(pending_draft), pending_context_len))
             step_tokens, pending_decision, pending_draft = [], None, []
+            pending_context_len = None
 
         def commit(tokens: list[int]) -> bool:
             """Append tokens (up to max_tokens / EOS / context); True when generation ends."""
@@ -362,6 +365,7 @@ class ReferenceDecoder:
             logits, decision = self._verify(target_cache, committed[-1], chosen, context_len, params)
             counters["target"] += 1
             pending_decision, pending_draft = decision, list(chosen)
+            pending_context_len = context_len
             if decision.accepted:
                 finished = commit(chosen)
                 close_step("draft")

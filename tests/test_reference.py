@@ -1,0 +1,162 @@
+"""Reference decoder invariants on tiny Llama models built inside the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from specguard_vllm.config import SpecGuardConfig
+from specguard_vllm.reference import PairMismatchError, ReferenceDecoder
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a = 3\nb = ", "c = 7\nd = c + 2\n", "e = 1\n", "answer", "f = 4\ng = f + 5\nh = "]
+
+
+def make_config(draft: Path, **specguard) -> SpecGuardConfig:
+    return SpecGuardConfig.model_validate(
+        {"method": "specguard", "model": str(draft), "num_speculative_tokens": 8,
+         "specguard": {"seed": 0, **specguard}}
+    )
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_pair):
+    return ReferenceDecoder.from_paths(tiny_pair["target"], make_config(tiny_pair["draft"]))
+
+
+def encode(decoder, text):
+    return decoder.tokenizer(text)["input_ids"]
+
+
+def test_tau_above_one_gives_exactly_target_only_greedy_text(decoder):
+    params = decoder.config.specguard.model_copy(update={"tau": 1.01})
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        target_only = decoder.generate(ids, mode="target", max_tokens=40)
+        guarded = decoder.generate(ids, mode="specguard", max_tokens=40, params=params)
+        assert guarded.token_ids == target_only.token_ids, prompt
+        assert all(step.source == "target" for step in guarded.steps)
+        assert all(step.decision is not None and not step.decision.accepted for step in guarded.steps)
+
+
+def test_tau_zero_accepts_every_verified_step(decoder):
+    params = decoder.config.specguard.model_copy(update={"tau": 0.0})
+    total = 0
+    for prompt in PROMPTS:
+        result = decoder.generate(encode(decoder, prompt), max_tokens=40, params=params)
+        verified = [s for s in result.steps if s.decision is not None]
+        assert verified and all(s.decision.accepted and s.source == "draft" for s in verified)
+        total += len(verified)
+        # Fewer target forwards than tokens: whole steps were committed per pass.
+        assert result.target_forwards < len(result.token_ids) + 1
+    assert total >= len(PROMPTS)
+
+
+def test_same_seed_same_output_and_other_seed_may_differ(decoder):
+    params = decoder.config.specguard.model_copy(update={"draft_temperature": 1.5})
+    ids = encode(decoder, PROMPTS[0])
+    first = decoder.generate(ids, max_tokens=40, temperature=0.8, seed=11, params=params)
+    second = decoder.generate(ids, max_tokens=40, temperature=0.8, seed=11, params=params)
+    assert first.token_ids == second.token_ids
+    assert [s.to_json() for s in first.steps] == [s.to_json() for s in second.steps]
+    others = {tuple(decoder.generate(ids, max_tokens=40, temperature=0.8, seed=s, params=params).token_ids)
+              for s in range(12, 18)}
+    assert len(others | {tuple(first.token_ids)}) > 1
+
+
+def test_steps_partition_the_output_and_end_at_delimiters(decoder):
+    for prompt in PROMPTS:
+        result = decoder.generate(encode(decoder, prompt), max_tokens=60)
+        joined = [t for step in result.steps for t in step.token_ids]
+        assert joined == result.token_ids
+        for step in result.steps[:-1]:
+            ends = decoder.segmenter.step_length(step.token_ids) is not None
+            verified_full = step.decision is not None and step.decision.accepted and \
+                len(step.drafted_ids) == decoder.config.num_speculative_tokens
+            assert ends or verified_full
+
+
+def test_in_loop_decisions_equal_scoring_from_scratch(decoder):
+    """The cached verification pass and a fresh full forward agree on every step."""
+    checked = 0
+    for prompt in PROMPTS[:3]:
+        ids = encode(decoder, prompt)
+        result = decoder.generate(ids, max_tokens=40)
+        sequence = list(ids) + result.token_ids
+        for step in result.steps:
+            if step.decision is None:
+                continue
+            again = decoder.score_step(sequence[: step.verified_context_len], step.drafted_ids)
+            assert again.lpbv == pytest.approx(step.decision.lpbv, abs=1e-4)
+            assert again.abgv == pytest.approx(step.decision.abgv, abs=1e-4)
+            assert again.accepted == step.decision.accepted
+            if step.decision.accepted:
+                start = step.verified_context_len - len(ids)
+                assert result.token_ids[start: start + len(step.drafted_ids)] == step.drafted_ids
+            checked += 1
+    assert checked > 0
+
+
+def test_max_tokens_truncates_mid_step(decoder):
+    params = decoder.config.specguard.model_copy(update={"tau": 0.0})
+    for n in (1, 2, 5):
+        result = decoder.generate(encode(decoder, PROMPTS[0]), max_tokens=n, params=params)
+        assert len(result.token_ids) == n
+        assert result.finish_reason in ("length", "stop")
+
+
+def test_mismatched_vocab_draft_is_refused_with_both_sizes(tiny_pair):
+    with pytest.raises(PairMismatchError) as info:
+        ReferenceDecoder.from_paths(tiny_pair["target"], make_config(tiny_pair["bad_vocab_draft"]))
+    message = str(info.value)
+    from transformers import AutoConfig
+
+    tv = AutoConfig.from_pretrained(tiny_pair["target"]).vocab_size
+    dv = AutoConfig.from_pretrained(tiny_pair["bad_vocab_draft"]).vocab_size
+    assert str(tv) in message and str(dv) in message
+
+
+def test_prompt_longer_than_context_is_refused_with_lengths(decoder):
+    ids = encode(decoder, "a = 1\n" * 200)
+    with pytest.raises(ValueError, match=rf"prompt has {len(ids)} tokens.*context is 256"):
+        decoder.generate(ids)
+
+
+def test_too_many_grounding_layers_is_refused(tiny_pair):
+    with pytest.raises(ValueError, match="grounding_layers is 9 but the target has only 4 layers"):
+        ReferenceDecoder.from_paths(tiny_pair["target"], make_config(tiny_pair["draft"], grounding_layers=9))
+
+
+@pytest.mark.parametrize("mode", ["specguard", "target", "draft"])
+def test_trace_cli_json_has_engine_neutral_format(tiny_pair, tiny_config_path, mode):
+    result = subprocess.run(
+        [sys.executable, "-m", "specguard_vllm.cli", "trace", "--target", str(tiny_pair["target"]),
+         "--config", str(tiny_config_path), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+         "--mode", mode, "--max-tokens", "24", "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [line["prompt"] for line in lines] == PROMPTS[:2]
+    for line in lines:
+        assert set(line) == {"prompt", "text", "steps"}
+        assert "".join(step["text"] for step in line["steps"]) == line["text"]
+        for step in line["steps"]:
+            assert set(step) == {"text", "source", "lpbv", "abgv", "score", "accepted"}
+            assert step["source"] in ("draft", "target")
+
+
+def test_trace_cli_refuses_bad_override_and_missing_target(tiny_pair, tiny_config_path):
+    base = [sys.executable, "-m", "specguard_vllm.cli", "trace", "--config", str(tiny_config_path),
+            "--prompt", "a"]
+    bad_tau = subprocess.run(base + ["--target", str(tiny_pair["target"]), "--tau", "-1"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad_tau.returncode == 2 and "--tau" in bad_tau.stderr and "Traceback" not in bad_tau.stderr
+    missing = subprocess.run(base + ["--target", "/nonexistent/model"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert missing.returncode == 2 and "/nonexistent/model" in missing.stderr

@@ -1,0 +1,83 @@
+"""Self-consistency selector: LCS, similarity and the deterministic choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specguard_vllm.core.selector import lcs_length, select_candidate, select_candidates, similarity
+
+tokens = st.lists(st.integers(0, 6), max_size=40)
+
+
+def lcs_table(a, b) -> int:
+    dp = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            dp[i + 1][j + 1] = dp[i][j] + 1 if x == y else max(dp[i][j + 1], dp[i + 1][j])
+    return dp[-1][-1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=tokens, b=tokens)
+def test_bit_parallel_lcs_equals_dynamic_programming(a, b):
+    assert lcs_length(a, b) == lcs_table(a, b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=tokens, b=tokens, measure=st.sampled_from(["rouge_l", "token_f1"]))
+def test_similarity_is_symmetric_bounded_and_one_on_identity(a, b, measure):
+    s = similarity(a, b, measure)
+    assert 0.0 <= s <= 1.0
+    assert s == pytest.approx(similarity(b, a, measure))
+    assert similarity(a, a, measure) == 1.0
+
+
+def test_most_central_candidate_wins():
+    cands = [[1, 2, 3, 4], [1, 2, 3, 5], [9, 8, 7], [1, 2, 3, 4]]
+    # candidate 0 and 3 are identical and close to 1: they are the most central.
+    assert select_candidate(cands, [0.0, 0.0, 0.0, 0.0]) in (0, 3)
+    assert select_candidate(cands, [0.0, 0.0, 0.0, 0.0]) == 0  # tie -> lower index
+    assert select_candidate(cands, [-5.0, 0.0, 0.0, -1.0]) == 3  # tie -> higher log-likelihood
+
+
+def test_single_candidate_is_chosen_and_empty_is_refused():
+    assert select_candidate([[4, 2]], [0.0]) == 0
+    with pytest.raises(ValueError):
+        select_candidate([], [])
+    with pytest.raises(ValueError):
+        select_candidate([[1], [2]], [0.0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cands=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=8), min_size=2, max_size=5),
+    data=st.data(),
+)
+def test_choice_is_invariant_to_candidate_order_up_to_ties(cands, data):
+    loglik = data.draw(st.lists(st.floats(-10, 0), min_size=len(cands), max_size=len(cands)))
+    perm = data.draw(st.permutations(range(len(cands))))
+    chosen = cands[select_candidate(cands, loglik)]
+    chosen_perm = [cands[i] for i in perm][select_candidate([cands[i] for i in perm], [loglik[i] for i in perm])]
+    k = len(cands)
+
+    def centrality(c):
+        return sum(similarity(c, o) for o in cands) - 1.0
+
+    # Same centrality (the maximum) either way; identical unless an exact tie remains.
+    assert centrality(chosen) == pytest.approx(centrality(chosen_perm))
+    assert max(centrality(c) for c in cands) == pytest.approx(centrality(chosen))
+    assert k >= 2
+
+
+def test_batched_selection_matches_per_request():
+    ids = torch.tensor([[[1, 2, 3, 0], [1, 2, 4, 0], [7, 7, 7, 7]],
+                        [[5, 5, 0, 0], [6, 6, 6, 0], [6, 6, 6, 1]]])
+    lengths = torch.tensor([[3, 3, 4], [2, 3, 4]])
+    loglik = torch.zeros(2, 3)
+    got = select_candidates(ids, lengths, loglik)
+    want = [select_candidate([ids[b, c, : lengths[b, c]].tolist() for c in range(3)], [0.0] * 3)
+            for b in range(2)]
+    assert got.tolist() == want
