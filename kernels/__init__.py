@@ -1,0 +1,22 @@
+"""Triton kernels of SpecGuard's verifier, each beside its PyTorch reference.
+
+* ``step_grounding`` / ``step_grounding_ref``: per layer, the prefix mass and the
+  in-step block of the head-averaged, sparsified attention of every step row,
+  read straight from vLLM's paged K cache (SPECGUARD.md section 3).
+* ``min_logprob`` / ``min_logprob_ref``: ``logit[token] - logsumexp(logits)`` per
+  draft position in one pass over the vocabulary, then the per-step minimum.
+* ``kv_layout``: the K-cache readers of vLLM 0.32's attention backends.
+* ``dispatch``: what the plugin calls; Triton on CUDA, the reference elsewhere.
+
+The Triton modules are imported lazily by ``dispatch`` so that a CPU-only
+install never needs a working Triton.
+"""
+
+from kernels.dispatch import (
+    GroundingWorkspace,
+    k_cache_view,
+    step_grounding_stats,
+    step_min_logprob,
+)
+
+__all__ = ["GroundingWorkspace", "k_cache_view", "step_grounding_stats", "step_min_logprob"]

@@ -1,0 +1,102 @@
+"""Fused min-logprob of a step: no [tokens x vocab] log-softmax is ever written.
+
+``_token_logprob_kernel`` (one program per draft position) streams the row of
+logits once, keeping a running max and rescaled sum per lane (an online
+logsumexp), and subtracts it from the draft token's logit.
+``_segment_min_kernel`` (one program per request) takes the minimum over the
+request's positions ``cu[b]:cu[b+1]``. Rows can be picked through ``rows``
+(vLLM's ``target_logits_indices``) so the logits need not be gathered first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.step_grounding import LOG2E_C, SUPPORTED_DTYPES, interpreting
+from kernels.workspace import next_pow2
+
+
+@triton.jit
+def _token_logprob_kernel(logits_ptr, rows_ptr, tok_ptr, out_ptr, vocab, s_lr,
+                          HAS_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    t = tl.program_id(0)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + t).to(tl.int64)
+    else:
+        row = t.to(tl.int64)
+    base = logits_ptr + row * s_lr
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane running max (log2 units)
+    s = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp2(x - m)
+    for v0 in range(0, vocab, BLOCK_V):
+        x = tl.load(base + v0 + offs, mask=v0 + offs < vocab, other=float("-inf"))
+        x = x.to(tl.float32) * LOG2E_C
+        m_new = tl.maximum(m, x)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp2(m - m_use) + tl.exp2(x - m_use)
+        m = m_new
+    mx = tl.max(m, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    lse = (mx + tl.log2(tl.sum(s * tl.exp2(m - mx), 0))) / LOG2E_C
+    tok = tl.load(tok_ptr + t).to(tl.int64)
+    x_tok = tl.load(base + tok, mask=(tok >= 0) & (tok < vocab), other=float("-inf"))
+    tl.store(out_ptr + t, x_tok.to(tl.float32) - lse)
+
+
+@triton.jit
+def _segment_min_kernel(lp_ptr, cu_ptr, out_ptr, N_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    start = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - start
+    j = tl.arange(0, N_PAD)
+    x = tl.load(lp_ptr + start + j, mask=j < n, other=float("inf"))
+    tl.store(out_ptr + b, tl.where(n > 0, tl.min(x, 0), 0.0))
+
+
+def step_min_logprob_triton(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    *,
+    max_step_len: int,
+    rows: torch.Tensor | None = None,
+    token_logprobs: torch.Tensor | None = None,
+    min_logprob: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch both kernels; same contract as ``min_logprob_ref.step_min_logprob_ref``.
+
+    ``max_step_len`` bounds ``cu[b+1] - cu[b]`` (it sizes the min's tile). No
+    host synchronisation: graph-capturable with static output buffers.
+    """
+    if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
+        raise ValueError(f"logits must be [rows, vocab] with unit stride over the vocabulary; "
+                         f"got shape {tuple(logits.shape)} strides {logits.stride()}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"logits dtype {logits.dtype} not in {SUPPORTED_DTYPES}")
+    num_tokens, num_steps = token_ids.numel(), cu_num_tokens.numel() - 1
+    if rows is not None and rows.numel() != num_tokens:
+        raise ValueError(f"rows ({rows.numel()}) must give one logits row per token ({num_tokens})")
+    if rows is None and logits.shape[0] < num_tokens:
+        raise ValueError(f"{num_tokens} tokens but only {logits.shape[0]} rows of logits")
+    for name, t in (("token_ids", token_ids), ("cu_num_tokens", cu_num_tokens), ("rows", rows)):
+        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device != logits.device):
+            raise TypeError(f"{name} must be an int32/int64 tensor on {logits.device}")
+    if token_logprobs is None:
+        token_logprobs = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
+    if min_logprob is None:
+        min_logprob = torch.empty(num_steps, dtype=torch.float32, device=logits.device)
+    if token_logprobs.numel() < num_tokens or min_logprob.numel() < num_steps:
+        raise ValueError("output buffers are smaller than the batch")
+    vocab = logits.shape[1]
+    block_v = block_v or (min(next_pow2(vocab), 16384) if interpreting() else 2048)
+    if num_tokens:
+        _token_logprob_kernel[(num_tokens,)](
+            logits, rows if rows is not None else token_ids, token_ids, token_logprobs,
+            vocab, logits.stride(0), HAS_ROWS=rows is not None, BLOCK_V=block_v, num_warps=8)
+    if num_steps:
+        _segment_min_kernel[(num_steps,)](token_logprobs, cu_num_tokens, min_logprob,
+                                          N_PAD=next_pow2(max(max_step_len, 1)))
+    return token_logprobs, min_logprob

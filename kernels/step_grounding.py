@@ -1,0 +1,353 @@
+"""Grounding statistics of the step rows, straight from vLLM's paged K cache.
+
+Per layer and per step query row i of request b (SPECGUARD.md section 3) we
+need the prefix mass and the in-step block row of the head-averaged attention,
+sparsified (entries < s dropped) and renormalised. The head average is taken
+*before* thresholding, so a key's probability must be known for every head at
+once; and each probability needs its head's softmax normaliser over all keys.
+Hence two passes over the keys:
+
+1. ``_grounding_pass1`` (grid B x kv_heads x splits): each program owns one
+   kv head and one chunk of the context and keeps an online max / sum for the
+   ``n x group`` query rows of that kv head (one ``tl.dot`` per key tile).
+   ``_grounding_combine`` merges the chunks into ``lse`` per (row, head).
+2. ``_grounding_pass2`` (grid B x splits): each program walks its chunk tile by
+   tile, loops over the kv heads, sums ``exp2(s - lse)`` over the heads into the
+   tile's head average, thresholds it and accumulates four row sums (kept and
+   unsparsified mass, on the prefix and in total); the columns of the step's own
+   keys go to scratch. ``_grounding_finalize`` adds the splits and renormalises.
+
+The context is split into ``num_splits`` chunks *at run time* (chunk =
+ceil(seq_len / num_splits), rounded to the tile), so the grid depends only on
+the batch size and a captured CUDA graph stays valid for any sequence length.
+K is read through a strided view (``kv_layout.k_cache_view``) and the block
+table, so any backend layout is read in place.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.workspace import GroundingWorkspace, next_pow2
+
+LOG2E = 1.4426950408889634
+FLOAT_TINY = 1.1754943508222875e-38
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Globals a @triton.jit body reads must be tl.constexpr (the interpreter does not check this).
+LOG2E_C = tl.constexpr(LOG2E)
+FLOAT_TINY_C = tl.constexpr(FLOAT_TINY)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter."""
+    knobs = getattr(triton, "knobs", None)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or bool(
+        knobs is not None and knobs.runtime.interpret
+    )
+
+
+@triton.jit
+def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
+    """Keys [start, end) of chunk ``split``; the chunk is a whole number of tiles."""
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+    return chunk, start, end
+
+
+@triton.jit
+def _tile_scores(q, k_ptr, bt_row_ptr, pos, pos_ok, kvh, page_size,
+                 s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST: tl.constexpr):
+    """``q @ K[pos]^T`` for one tile of keys gathered through the block table."""
+    page = tl.load(bt_row_ptr + pos // page_size, mask=pos_ok, other=0).to(tl.int64)
+    base = page * s_kb + (pos % page_size).to(tl.int64) * s_kt + kvh * s_kh
+    k = tl.load(k_ptr + base[:, None] + d[None, :] * s_kd,
+                mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter computes on raw bf16 bits
+        k = k.to(tl.float32)
+    return tl.dot(q, tl.trans(k), input_precision="ieee")
+
+
+@triton.jit
+def _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST: tl.constexpr):
+    q = tl.load(q_ptr + (q_row + i).to(tl.int64)[:, None] * s_qt + head[:, None] * s_qh
+                + d[None, :] * s_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _grounding_pass1(
+    q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, m_ptr, l_ptr,
+    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_mt, s_mh,
+    scale_log2, page_size, group, head_dim, num_splits,
+    N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    row0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - row0
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk, start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    if (n <= 0) | (start >= end):
+        return
+    # Query rows r = i * G_PAD + g: step token i, head kvh * group + g.
+    r = tl.arange(0, N_PAD * G_PAD)
+    i = r // G_PAD
+    g = r % G_PAD
+    row_ok = (i < n) & (g < group)
+    head = kvh * group + g
+    d = tl.arange(0, D_PAD)
+    d_ok = d < head_dim
+    q = _load_q(q_ptr, tl.load(qs_ptr + b), i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST)
+    row_lim = seq_len - n + i + 1  # causal: row i sees keys < prefix_len + i + 1
+    m_i = tl.full([N_PAD * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([N_PAD * G_PAD], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        pos = t0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < end
+        s = _tile_scores(q, k_ptr, bt_ptr + b * s_bt, pos, pos_ok, kvh, page_size,
+                         s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
+        s = tl.where(pos_ok[None, :] & (pos[None, :] < row_lim[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
+        m_i = m_new
+    out = (row0 + i).to(tl.int64) * s_mt + head * s_mh + split
+    tl.store(m_ptr + out, m_i, mask=row_ok)
+    tl.store(l_ptr + out, l_i, mask=row_ok)
+
+
+@triton.jit
+def _grounding_combine(
+    m_ptr, l_ptr, lse_ptr, seq_lens_ptr, cu_ptr, s_mt, s_mh, s_lt,
+    num_heads, num_splits,
+    H_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Merge the chunks' (max, sum) into one log2-normaliser per (row, head)."""
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    row0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - row0
+    if i >= n:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk, start, end = _split_range(seq_len, 0, num_splits, BLOCK_N)
+    active = tl.cdiv(seq_len, chunk)
+    h = tl.arange(0, H_PAD)
+    sp = tl.arange(0, S_PAD)
+    ok = (h < num_heads)[:, None] & (sp < active)[None, :]
+    off = (row0 + i).to(tl.int64) * s_mt + h[:, None] * s_mh + sp[None, :]
+    m = tl.load(m_ptr + off, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + off, mask=ok, other=0.0)
+    mx = tl.max(m, 1)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    total = tl.sum(l * tl.exp2(m - mx[:, None]), 1)
+    total = tl.where(h < num_heads, total, 1.0)  # padded heads: no log2(0)
+    tl.store(lse_ptr + (row0 + i).to(tl.int64) * s_lt + h, mx + tl.log2(total), mask=h < num_heads)
+
+
+@triton.jit
+def _grounding_pass2(
+    q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, lse_ptr, sums_ptr, bk_ptr, ba_ptr,
+    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_lt, s_st, s_bkt,
+    scale_log2, inv_heads, sparsity, page_size, group, num_kv_heads, head_dim, num_splits,
+    N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    row0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - row0
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk, start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    if (n <= 0) | (start >= end):
+        return
+    prefix_len = seq_len - n
+    r = tl.arange(0, N_PAD * G_PAD)
+    i = r // G_PAD
+    g = r % G_PAD
+    row_ok = (i < n) & (g < group)
+    row_lim = prefix_len + i + 1
+    d = tl.arange(0, D_PAD)
+    d_ok = d < head_dim
+    q_row = tl.load(qs_ptr + b)
+    tok = tl.arange(0, N_PAD)  # step token of each output row
+    tok_ok = tok < n
+    kept_prefix = tl.zeros([N_PAD], tl.float32)
+    kept_total = tl.zeros([N_PAD], tl.float32)
+    avg_prefix = tl.zeros([N_PAD], tl.float32)
+    avg_total = tl.zeros([N_PAD], tl.float32)
+    for t0 in range(start, end, BLOCK_N):
+        pos = t0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < end
+        ok = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] < row_lim[:, None])
+        acc = tl.zeros([N_PAD, BLOCK_N], tl.float32)
+        for kvh in range(num_kv_heads):
+            head = kvh * group + g
+            q = _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST)
+            lse = tl.load(lse_ptr + (row0 + i).to(tl.int64) * s_lt + head, mask=row_ok, other=0.0)
+            s = _tile_scores(q, k_ptr, bt_ptr + b * s_bt, pos, pos_ok, kvh, page_size,
+                             s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            acc += tl.sum(tl.reshape(p, [N_PAD, G_PAD, BLOCK_N]), 1)
+        avg = acc * inv_heads  # 0 on masked keys
+        kept = tl.where(avg >= sparsity, avg, 0.0)
+        on_prefix = (pos < prefix_len)[None, :]
+        kept_prefix += tl.sum(tl.where(on_prefix, kept, 0.0), 1)
+        kept_total += tl.sum(kept, 1)
+        avg_prefix += tl.sum(tl.where(on_prefix, avg, 0.0), 1)
+        avg_total += tl.sum(avg, 1)
+        col = pos - prefix_len  # in-step column of each key
+        in_step = tok_ok[:, None] & (col >= 0)[None, :] & pos_ok[None, :]
+        off = (row0 + tok).to(tl.int64)[:, None] * s_bkt + col[None, :]
+        tl.store(bk_ptr + off, kept, mask=in_step)
+        tl.store(ba_ptr + off, avg, mask=in_step)
+    out = sums_ptr + (row0 + tok).to(tl.int64) * s_st + split * 4
+    tl.store(out + 0, kept_prefix, mask=tok_ok)
+    tl.store(out + 1, kept_total, mask=tok_ok)
+    tl.store(out + 2, avg_prefix, mask=tok_ok)
+    tl.store(out + 3, avg_total, mask=tok_ok)
+
+
+@triton.jit
+def _grounding_finalize(
+    sums_ptr, bk_ptr, ba_ptr, pm_ptr, blk_ptr, seq_lens_ptr, cu_ptr,
+    s_st, s_bkt, s_blt, num_splits, max_step_len,
+    S_PAD: tl.constexpr, MS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Add the chunks' row sums and renormalise; a row with nothing kept keeps its dense mass."""
+    b = tl.program_id(0)
+    i = tl.program_id(1)
+    row0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - row0
+    if i >= n:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    chunk, start, end = _split_range(seq_len, 0, num_splits, BLOCK_N)
+    sp = tl.arange(0, S_PAD)
+    sp_ok = sp < tl.cdiv(seq_len, chunk)
+    row = (row0 + i).to(tl.int64)
+    base = sums_ptr + row * s_st + sp * 4
+    kept_prefix = tl.sum(tl.load(base + 0, mask=sp_ok, other=0.0), 0)
+    kept_total = tl.sum(tl.load(base + 1, mask=sp_ok, other=0.0), 0)
+    avg_prefix = tl.sum(tl.load(base + 2, mask=sp_ok, other=0.0), 0)
+    avg_total = tl.sum(tl.load(base + 3, mask=sp_ok, other=0.0), 0)
+    use_kept = kept_total > 0.0
+    denom = tl.maximum(tl.where(use_kept, kept_total, avg_total), FLOAT_TINY_C)
+    tl.store(pm_ptr + row, tl.where(use_kept, kept_prefix, avg_prefix) / denom)
+    j = tl.arange(0, MS_PAD)
+    j_ok = j < n
+    kept = tl.load(bk_ptr + row * s_bkt + j, mask=j_ok, other=0.0)
+    dense = tl.load(ba_ptr + row * s_bkt + j, mask=j_ok, other=0.0)
+    tl.store(blk_ptr + row * s_blt + j, tl.where(use_kept, kept, dense) / denom, mask=j < max_step_len)
+
+
+def default_num_splits(batch: int, device: torch.device) -> int:
+    """Chunks per request: enough programs to fill the GPU twice over."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(64, triton.cdiv(2 * sms, batch)))
+
+
+def _tile_config(rows: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): keep the [rows, BLOCK_N] score tile near 8k fp32 values."""
+    if interpreting():
+        return 256, 4  # the interpreter pays per tile, not per element
+    block_n = max(16, min(128, 8192 // rows))
+    return block_n, (4 if rows * block_n <= 8192 and rows <= 64 else 8)
+
+
+def step_grounding_stats_triton(
+    query: torch.Tensor,
+    k_view: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_step_lens: torch.Tensor,
+    *,
+    scale: float,
+    sparsity: float,
+    max_step_len: int,
+    query_start: torch.Tensor | None = None,
+    workspace: GroundingWorkspace | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the grounding kernels for one layer; see ``step_grounding_ref`` for the contract.
+
+    No host synchronisation happens here (only shapes are read), so the call can
+    be captured in a CUDA graph; the grid depends on ``seq_lens.numel()`` and
+    ``num_splits`` only. Returns ``(workspace.prefix_mass, workspace.block)``:
+    rows ``cu[b]:cu[b+1]`` belong to request b, other rows are left untouched.
+    """
+    if query.dim() != 3 or k_view.dim() != 4:
+        raise ValueError(f"query must be [T, H, D] and k_view [blocks, block_size, kv_heads, D]; "
+                         f"got {tuple(query.shape)} and {tuple(k_view.shape)}")
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    _, page_size, num_kv_heads, k_dim = k_view.shape
+    if k_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"query heads/dim ({num_heads}, {head_dim}) do not fit the cache's "
+                         f"kv heads/dim ({num_kv_heads}, {k_dim})")
+    if query.dtype not in SUPPORTED_DTYPES or k_view.dtype != query.dtype:
+        raise TypeError(f"query and K must share one of {SUPPORTED_DTYPES}; "
+                        f"got {query.dtype} and {k_view.dtype}")
+    batch = seq_lens.numel()
+    if block_table.dim() != 2 or block_table.shape[0] < batch or cu_step_lens.numel() != batch + 1:
+        raise ValueError(f"block_table {tuple(block_table.shape)} / cu_step_lens "
+                         f"{tuple(cu_step_lens.shape)} do not match {batch} sequences")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens),
+                    ("cu_step_lens", cu_step_lens), ("query_start", query_start)):
+        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device != query.device):
+            raise TypeError(f"{name} must be an int32/int64 tensor on {query.device}")
+    if k_view.device != query.device:
+        raise ValueError("query and the K cache must be on one device")
+    if workspace is None:
+        workspace = GroundingWorkspace.allocate(query.shape[0], num_heads, max_step_len,
+                                                device=query.device)
+    if workspace.num_heads != num_heads or workspace.max_step_len < max_step_len:
+        raise ValueError("workspace was allocated for other heads / a shorter step")
+    num_splits = num_splits or min(workspace.max_splits, default_num_splits(batch, query.device))
+    if num_splits > workspace.max_splits:
+        raise ValueError(f"num_splits {num_splits} > workspace.max_splits {workspace.max_splits}")
+    query_start = cu_step_lens[:-1] if query_start is None else query_start
+    group = num_heads // num_kv_heads
+    g_pad = next_pow2(group)
+    n_pad = max(next_pow2(max_step_len), 16 // g_pad if g_pad < 16 else 1)  # tl.dot needs M >= 16
+    d_pad = max(16, next_pow2(head_dim))
+    default_block_n, num_warps = _tile_config(n_pad * g_pad)
+    block_n = block_n or default_block_n
+    upcast = interpreting()
+    scale_log2 = float(scale) * LOG2E
+    ws = workspace
+    common = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, UPCAST=upcast,
+                  num_warps=num_warps)
+    _grounding_pass1[(batch, num_kv_heads, num_splits)](
+        query, k_view, block_table, seq_lens, cu_step_lens, query_start, ws.part_max, ws.part_sum,
+        *query.stride(), *k_view.stride(), block_table.stride(0),
+        ws.part_max.stride(0), ws.part_max.stride(1),
+        scale_log2, page_size, group, head_dim, num_splits, **common)
+    _grounding_combine[(batch, n_pad)](
+        ws.part_max, ws.part_sum, ws.lse, seq_lens, cu_step_lens,
+        ws.part_max.stride(0), ws.part_max.stride(1), ws.lse.stride(0), num_heads, num_splits,
+        H_PAD=next_pow2(num_heads), S_PAD=next_pow2(ws.max_splits), BLOCK_N=block_n)
+    _grounding_pass2[(batch, num_splits)](
+        query, k_view, block_table, seq_lens, cu_step_lens, query_start, ws.lse, ws.row_sums,
+        ws.block_kept, ws.block_avg,
+        *query.stride(), *k_view.stride(), block_table.stride(0), ws.lse.stride(0),
+        ws.row_sums.stride(0), ws.block_kept.stride(0),
+        scale_log2, 1.0 / num_heads, float(sparsity), page_size, group, num_kv_heads, head_dim,
+        num_splits, **common)
+    _grounding_finalize[(batch, n_pad)](
+        ws.row_sums, ws.block_kept, ws.block_avg, ws.prefix_mass, ws.block, seq_lens, cu_step_lens,
+        ws.row_sums.stride(0), ws.block_kept.stride(0), ws.block.stride(0), num_splits,
+        ws.max_step_len, S_PAD=next_pow2(ws.max_splits), MS_PAD=next_pow2(ws.max_step_len),
+        BLOCK_N=block_n)
+    return ws.prefix_mass, ws.block

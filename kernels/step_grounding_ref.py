@@ -1,0 +1,69 @@
+"""PyTorch reference of the grounding kernel (and the CPU path of the dispatch).
+
+Gathers each request's keys out of the paged cache, forms the step rows' causal
+attention probabilities and hands them to the core's ``step_attention_stats``,
+so the kernel is tested against the very definition the rollout uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.kv_layout import gather_keys
+from specguard_vllm.core.grounding import step_attention_stats
+
+
+def step_grounding_stats_ref(
+    query: torch.Tensor,
+    k_view: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_step_lens: torch.Tensor,
+    *,
+    scale: float,
+    sparsity: float,
+    max_step_len: int,
+    query_start: torch.Tensor | None = None,
+    prefix_mass: torch.Tensor | None = None,
+    block: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step row: prefix mass and in-step block row of one layer (reference).
+
+    Same arguments and results as ``kernels.step_grounding.step_grounding_stats_triton``:
+    ``query [T, H, D]`` post-RoPE, ``k_view`` from ``kv_layout.k_cache_view``,
+    ``block_table [B, max_blocks]``, ``seq_lens [B]`` (context incl. the step),
+    ``cu_step_lens [B+1]`` (step rows of request b are output rows
+    ``cu[b]:cu[b+1]``), ``query_start [B]`` (row of ``query`` holding request b's
+    first step token; default ``cu_step_lens[:-1]``). Outputs ``prefix_mass
+    [>= T_step]`` and ``block [>= T_step, max_step_len]`` (fp32, written in place
+    when given; columns past a request's step length are zero).
+    """
+    num_steps = cu_step_lens.numel() - 1
+    total = int(cu_step_lens[-1])
+    if prefix_mass is None:
+        prefix_mass = torch.zeros(total, dtype=torch.float32, device=query.device)
+    if block is None:
+        block = torch.zeros(total, max_step_len, dtype=torch.float32, device=query.device)
+    starts = cu_step_lens[:-1] if query_start is None else query_start
+    num_heads, num_kv_heads = query.shape[1], k_view.shape[2]
+    group = num_heads // num_kv_heads
+    cu, lens, q_at = cu_step_lens.tolist(), seq_lens.tolist(), starts.tolist()
+    for b in range(num_steps):
+        n, seq_len, row = cu[b + 1] - cu[b], lens[b], cu[b]
+        if n == 0:
+            continue
+        prefix_len = seq_len - n
+        keys = gather_keys(k_view, block_table[b], seq_len).float()  # [L, Hkv, D]
+        q = query[q_at[b]: q_at[b] + n].float()  # [n, H, D]
+        # Heads of one kv head are adjacent (head = kv_head * group + g).
+        q = q.view(n, num_kv_heads, group, -1).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, -1)
+        scores = torch.bmm(q, keys.permute(1, 2, 0)).view(num_heads, n, seq_len) * scale
+        key_pos = torch.arange(seq_len, device=query.device)
+        row_lim = prefix_len + torch.arange(1, n + 1, device=query.device)
+        scores.masked_fill_(key_pos[None, :] >= row_lim[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        pm, blk = step_attention_stats(probs, prefix_len, sparsity)
+        prefix_mass[row: row + n] = pm
+        block[row: row + n].zero_()
+        block[row: row + n, :n] = blk
+    return prefix_mass, block
