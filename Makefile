@@ -40,3 +40,12 @@ test-fast: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Triton kernels (issue 4): interpreter tests + AOT compile for sm_90/sm_80, no GPU needed.
+kernels-check: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests/kernels
+	env -u TRITON_INTERPRET $(PY) -m kernels.aot cuda:90 cuda:80
+
+# On a CUDA machine (no network, < 5 min): kernels vs references on CUDA, graph replay, timings.
+gpu-check:
+	PYTHONUNBUFFERED=1 $(PYTHON) -m kernels.gpu_check

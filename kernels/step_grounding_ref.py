@@ -1,8 +1,9 @@
 """PyTorch reference of the grounding kernel (and the CPU path of the dispatch).
 
-Gathers each request's keys out of the paged cache, forms the step rows' causal
-attention probabilities and hands them to the core's ``step_attention_stats``,
-so the kernel is tested against the very definition the rollout uses.
+Reads each request's keys out of the paged cache, forms the step rows' causal
+attention probabilities, averages them over heads and hands them to the core's
+``step_attention_stats``, so the kernel is tested against the very definition
+the rollout uses.
 """
 
 from __future__ import annotations
@@ -11,6 +12,25 @@ import torch
 
 from kernels.kv_layout import gather_keys
 from specguard_vllm.core.grounding import step_attention_stats
+
+
+def _paged_scores(q: torch.Tensor, k_view: torch.Tensor, block_row: torch.Tensor,
+                  seq_len: int) -> torch.Tensor:
+    """``q [kv_heads, rows, D] @ K^T`` over a request's blocks, read in place block by block.
+
+    A gather of K through the block table is a strided index copy and costs
+    more than the product itself on CPU; one bmm per block reads each block
+    where it lies (for CPU_ATTN the block is already K^T, [D, block_size]).
+    """
+    block_size = k_view.shape[1]
+    if k_view.is_cuda:  # on a GPU one gather and one bmm beat thousands of tiny bmms
+        keys = gather_keys(k_view, block_row, seq_len).to(torch.float32)  # [L, kv_heads, D]
+        return torch.bmm(q, keys.permute(1, 2, 0))
+    k_t = k_view.permute(0, 2, 3, 1)  # [blocks, kv_heads, D, block_size]
+    dtype = k_view.dtype
+    parts = [torch.bmm(q, k_t[blk].to(torch.float32) if dtype != torch.float32 else k_t[blk])
+             for blk in block_row[: -(-seq_len // block_size)].tolist()]
+    return torch.cat(parts, dim=-1)[..., :seq_len].contiguous()
 
 
 def step_grounding_stats_ref(
@@ -53,16 +73,19 @@ def step_grounding_stats_ref(
         if n == 0:
             continue
         prefix_len = seq_len - n
-        keys = gather_keys(k_view, block_table[b], seq_len).float()  # [L, Hkv, D]
         q = query[q_at[b]: q_at[b] + n].float()  # [n, H, D]
-        # Heads of one kv head are adjacent (head = kv_head * group + g).
+        # Heads of one kv head are adjacent (head = kv_head * group + g): rows g * n + i.
         q = q.view(n, num_kv_heads, group, -1).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, -1)
-        scores = torch.bmm(q, keys.permute(1, 2, 0)).view(num_heads, n, seq_len) * scale
-        key_pos = torch.arange(seq_len, device=query.device)
-        row_lim = prefix_len + torch.arange(1, n + 1, device=query.device)
-        scores.masked_fill_(key_pos[None, :] >= row_lim[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        pm, blk = step_attention_stats(probs, prefix_len, sparsity)
+        scores = _paged_scores(q, k_view, block_table[b], seq_len).view(num_heads, n, seq_len)
+        scores.mul_(scale)
+        # Causality only bites on the step's own n columns.
+        future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
+        scores[:, :, prefix_len:].masked_fill_(future, float("-inf"))
+        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+        weights = 1.0 / (num_heads * scores.sum(dim=-1))  # [H, n]: 1 / (H * normaliser)
+        avg = torch.einsum("hnl,hn->nl", scores, weights)
+        # The head average of probs is what step_attention_stats averages: pass it as one head.
+        pm, blk = step_attention_stats(avg[None], prefix_len, sparsity)
         prefix_mass[row: row + n] = pm
         block[row: row + n].zero_()
         block[row: row + n, :n] = blk

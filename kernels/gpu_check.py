@@ -1,0 +1,143 @@
+"""`make gpu-check`: every kernel against its reference on CUDA, a CUDA-graph replay, then the benchmark.
+
+Needs only torch and triton (no vLLM, no network); about 2-4 minutes on an H100,
+most of it Triton JIT compilation and the benchmark grid.
+
+    python -m kernels.gpu_check [--json PATH] [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+import torch
+
+
+def check_grounding() -> int:
+    from kernels.step_grounding import step_grounding_stats_triton
+    from kernels.step_grounding_ref import step_grounding_stats_ref
+    from kernels.testing import LAYOUTS, make_grounding_case, threshold_margin
+
+    rng, failures, worst = random.Random(0), 0, 0.0
+    configs = [(l, dt) for l in LAYOUTS[:3] for dt in (torch.float32, torch.float16, torch.bfloat16)]
+    for trial in range(24):
+        layout, dtype = configs[trial % len(configs)]
+        hkv, group = rng.choice([(1, 8), (2, 4), (8, 4), (4, 1), (2, 3)])
+        steps = [rng.randint(0, 8) for _ in range(rng.randint(1, 5))]
+        ctxs = [rng.randint(0, 3000) for _ in steps]
+        case = make_grounding_case(steps, ctxs, num_heads=hkv * group, num_kv_heads=hkv,
+                                   head_dim=rng.choice([64, 128]), block_size=rng.choice([16, 32]),
+                                   dtype=dtype, layout=layout, device="cuda", max_step_len=8,
+                                   extra_rows=rng.randint(0, 2), q_gain=2.0, seed=trial)
+        sparsity = rng.choice([0.0, 0.01, 0.05, 1.0])
+        if threshold_margin(case, sparsity) < 1e-5:
+            continue
+        kw = dict(scale=case.scale, sparsity=sparsity, max_step_len=8, query_start=case.query_start)
+        args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
+        pm, blk = step_grounding_stats_triton(*args, **kw)
+        pr, br = step_grounding_stats_ref(*args, **kw)
+        t = case.num_step_tokens
+        err = max((pm[:t] - pr).abs().max().item() if t else 0.0,
+                  (blk[:t] - br).abs().max().item() if t else 0.0)
+        worst = max(worst, err)
+        if err > 1e-3:
+            failures += 1
+            print(f"  FAIL grounding {layout} {dtype} gqa {hkv}x{group} steps {steps} ctx {ctxs} "
+                  f"sparsity {sparsity}: max err {err:.2e}")
+    print(f"grounding vs reference: 24 random ragged batches, worst abs err {worst:.2e}, "
+          f"{failures} failures")
+    return failures
+
+
+def check_cuda_graph() -> int:
+    """Capture once; replay after writing other lengths, steps and queries into the static inputs."""
+    from kernels.step_grounding import step_grounding_stats_triton
+    from kernels.step_grounding_ref import step_grounding_stats_ref
+    from kernels.testing import make_grounding_case
+    from kernels.workspace import GroundingWorkspace
+
+    case = make_grounding_case([4, 4, 4], [500, 2000, 3000], num_heads=8, num_kv_heads=2,
+                               head_dim=128, dtype=torch.bfloat16, device="cuda", max_step_len=4,
+                               seed=11)
+    q, table = case.query, case.block_table
+    seq_lens, cu, q0 = case.seq_lens.clone(), case.cu_step_lens.clone(), case.query_start.clone()
+    ws = GroundingWorkspace.allocate(q.shape[0], 8, 4, device="cuda")
+    kw = dict(scale=case.scale, sparsity=0.01, max_step_len=4, query_start=q0, workspace=ws)
+    args = (q, case.k_view, table, seq_lens, cu)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile outside the capture
+        step_grounding_stats_triton(*args, **kw)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_grounding_stats_triton(*args, **kw)
+    failures = 0
+    # Shorter contexts (prefixes of the same blocks), other step lengths (one empty), new queries.
+    for lens, steps in (([504, 2004, 3004], [4, 4, 4]), ([1200, 7, 2999], [2, 0, 3])):
+        seq_lens.copy_(torch.tensor(lens))
+        cu.copy_(torch.tensor([0, *torch.tensor(steps).cumsum(0).tolist()]))
+        q0.copy_(cu[:-1])
+        q.copy_(torch.randn_like(q) * 2)
+        ws.prefix_mass.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        pr, br = step_grounding_stats_ref(*args, scale=case.scale, sparsity=0.01, max_step_len=4,
+                                          query_start=q0)
+        t = int(cu[-1])
+        err = max((ws.prefix_mass[:t] - pr).abs().max().item(),
+                  (ws.block[:t] - br).abs().max().item())
+        ok = err < 1e-3
+        failures += not ok
+        print(f"cuda graph replay (seq_lens {lens}, steps {steps}): max err {err:.2e} "
+              f"{'ok' if ok else 'FAIL'}")
+    return failures
+
+
+def check_min_logprob() -> int:
+    from kernels.min_logprob import step_min_logprob_triton
+    from kernels.min_logprob_ref import step_min_logprob_ref
+    from kernels.testing import make_logits_case
+
+    failures, worst = 0, 0.0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for vocab in (1000, 32000, 128256, 151936):
+            logits, tokens, cu, rows = make_logits_case([4, 0, 8, 3], vocab, dtype=dtype,
+                                                        device="cuda", seed=vocab)
+            got = step_min_logprob_triton(logits, tokens, cu, max_step_len=8, rows=rows)
+            want = step_min_logprob_ref(logits, tokens, cu, rows=rows)
+            err = max((a - b).abs().max().item() for a, b in zip(got, want))
+            worst = max(worst, err)
+            if err > 1e-4:
+                failures += 1
+                print(f"  FAIL min-logprob {dtype} vocab {vocab}: max err {err:.2e}")
+    print(f"min-logprob vs reference: 12 cases, worst abs err {worst:.2e}, {failures} failures")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=".run/kernels-bench-gpu.json")
+    parser.add_argument("--full", action="store_true", help="the full benchmark grid")
+    opts = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-check needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}")
+    t0 = time.time()
+    failures = check_grounding() + check_min_logprob() + check_cuda_graph()
+    print(f"checks: {failures} failures ({time.time() - t0:.0f} s)", flush=True)
+    from benchmarks.kernels import main as bench
+
+    bench(([] if opts.full else ["--quick"]) + ["--json", opts.json])
+    print(f"gpu-check {'PASSED' if not failures else 'FAILED'} in {time.time() - t0:.0f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
