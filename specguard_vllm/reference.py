@@ -299,7 +299,6 @@ class ReferenceDecoder:
         draft_seen = 0  # committed tokens already in the draft cache
         if len(prompt) > 1 and mode != "draft":
             self._forward(self.target, prompt[:-1], target_cache)
-            counters["target"] += 1
 
         def close_step(source: str) -> None:
             nonlocal step_tokens, pending_decision, pending_draft, pending_context_len
@@ -337,7 +336,9 @@ class ReferenceDecoder:
                 return finished or False
             return finished
 
-        finished = False
+        # As in vLLM, the prefill pass of the target emits the first token itself;
+        # drafting starts after it. (In draft mode the draft does the prefill.)
+        finished = target_step("draft" if mode == "draft" else "target")
         while not finished:
             if mode == "target" or (mode == "specguard" and regenerating):
                 finished = target_step("target")

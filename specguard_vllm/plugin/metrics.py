@@ -1,0 +1,93 @@
+"""SpecGuard's Prometheus metrics, recorded in the worker where decisions happen.
+
+vLLM serves ``/metrics`` from the API server; worker-side metrics reach it
+through prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``,
+which vLLM sets up for ``vllm serve``). vLLM's own ``vllm:spec_decode_*``
+counters keep counting drafts and accepted tokens: a step accepted is all its
+draft tokens accepted, a step rejected is none.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+LPBV_BUCKETS = (-20.0, -10.0, -5.0, -3.0, -2.0, -1.0, -0.5, -0.25, -0.1, -0.01, 0.0)
+UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+TIME_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class StepCounters:
+    """Plain in-process totals (for `collective_rpc` readers such as the benchmark)."""
+
+    steps_accepted: int = 0
+    steps_rejected: int = 0
+    draft_tokens_accepted: int = 0
+    draft_tokens_proposed: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    grounding_seconds: float = 0.0
+    decisions: list = field(default_factory=list)  # (lpbv, abgv, score, accepted), bounded
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "decisions"}
+
+
+class SpecGuardMetrics:
+    MAX_KEPT_DECISIONS = 100_000
+
+    def __init__(self, model_name: str = ""):
+        from prometheus_client import Counter, Histogram
+
+        labels = ["model_name"]
+        self._model = model_name
+        self._lock = threading.Lock()
+        self.counters = StepCounters()
+        self.steps = Counter("specguard_steps", "SpecGuard verified steps by decision",
+                             labels + ["decision"])
+        self.lpbv = Histogram("specguard_lpbv", "Step confidence: min target token log-prob",
+                              labels, buckets=LPBV_BUCKETS)
+        self.abgv = Histogram("specguard_abgv", "Step grounding: min rolled-out attention mass "
+                              "on the context", labels, buckets=UNIT_BUCKETS)
+        self.score = Histogram("specguard_score", "Step score beta*LPBV_norm+(1-beta)*ABGV",
+                               labels, buckets=UNIT_BUCKETS)
+        self.draft_time = Histogram("specguard_draft_seconds", "Time to draft and select one "
+                                    "batch of candidate steps", labels, buckets=TIME_BUCKETS)
+        self.verify_time = Histogram("specguard_verify_seconds", "Time of the step decision "
+                                     "(scoring and sampling) per batch", labels, buckets=TIME_BUCKETS)
+
+    def observe_verification(self, decisions, seconds: float) -> None:
+        with self._lock:
+            for d in decisions:
+                if d is None:
+                    continue
+                decision = "accepted" if d.accepted else "rejected"
+                self.steps.labels(self._model, decision).inc()
+                self.lpbv.labels(self._model).observe(max(d.lpbv, -1e9))
+                self.abgv.labels(self._model).observe(d.abgv)
+                self.score.labels(self._model).observe(d.score)
+                if d.accepted:
+                    self.counters.steps_accepted += 1
+                else:
+                    self.counters.steps_rejected += 1
+                if len(self.counters.decisions) < self.MAX_KEPT_DECISIONS:
+                    self.counters.decisions.append((d.lpbv, d.abgv, d.score, d.accepted))
+            self.counters.verify_seconds += seconds
+            self.verify_time.labels(self._model).observe(seconds)
+
+    def observe_draft(self, seconds: float) -> None:
+        with self._lock:
+            self.counters.draft_seconds += seconds
+            self.draft_time.labels(self._model).observe(seconds)
+
+
+_METRICS: SpecGuardMetrics | None = None
+
+
+def get_metrics(model_name: str = "") -> SpecGuardMetrics:
+    """One metrics object per process (Prometheus refuses duplicate metric names)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = SpecGuardMetrics(model_name)
+    return _METRICS

@@ -1,0 +1,72 @@
+"""Per-request step bookkeeping in the worker: which requests are regenerating.
+
+After a rejected step the target writes the rest of that step itself, so the
+request gets no drafts until the target has produced a step delimiter. This
+table is the only SpecGuard state that outlives one engine step; it is keyed by
+request id and dropped when vLLM removes the request (finished, aborted, or a
+client that disconnected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specguard_vllm.core.steps import StepSegmenter
+
+
+@dataclass
+class RequestSteps:
+    regenerating: bool = False
+    open_step: list[int] = field(default_factory=list)  # committed tokens of the unfinished step
+
+
+class StepStateTable:
+    def __init__(self, segmenter: StepSegmenter):
+        self.segmenter = segmenter
+        self._requests: dict[str, RequestSteps] = {}
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def get(self, req_id: str) -> RequestSteps:
+        state = self._requests.get(req_id)
+        if state is None:
+            state = self._requests[req_id] = RequestSteps()
+        return state
+
+    def forget(self, req_ids) -> None:
+        for req_id in req_ids:
+            self._requests.pop(req_id, None)
+
+    def _push_target_token(self, state: RequestSteps, token: int) -> None:
+        if self.segmenter.step_length([token], prefix=state.open_step) is not None:
+            state.open_step = []
+            state.regenerating = False
+        else:
+            state.open_step.append(token)
+
+    def after_sampling(self, req_id: str, tokens: list[int], verified: bool | None) -> None:
+        """Update after one engine step; ``verified`` is None when no step was drafted."""
+        if not tokens:
+            return  # a partial prefill chunk: nothing committed
+        state = self.get(req_id)
+        if verified is None:
+            for token in tokens:
+                self._push_target_token(state, token)
+        elif verified:
+            # The verified step is closed; the bonus token opens the next one.
+            state.open_step = []
+            state.regenerating = False
+            self._push_target_token(state, tokens[-1])
+        else:
+            # Rejected: only the target's own first token was committed.
+            state.regenerating = True
+            self._push_target_token(state, tokens[0])
+
+    def truncate_draft(self, req_id: str, draft: list[int]) -> list[int]:
+        """The proposed step, cut after its delimiter; [] while regenerating."""
+        state = self.get(req_id)
+        if state.regenerating:
+            return []
+        end = self.segmenter.step_length(draft, prefix=state.open_step)
+        return draft if end is None else draft[:end]
