@@ -88,6 +88,7 @@ def main(argv: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter cannot compile", file=sys.stderr)
         return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.9 warns when unset
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="specguard-aot-"))
     full = "--full" in argv
     targets = []

@@ -117,8 +117,8 @@ def threshold_margin(case: GroundingCase, sparsity: float) -> float:
         keys = keys.repeat_interleave(h // hkv, dim=1)  # [L, H, D]
         q = case.query[q0[b]: q0[b] + n].float()
         s = torch.einsum("nhd,lhd->hnl", q, keys) * case.scale
-        pos = torch.arange(lens[b])
-        lim = lens[b] - n + torch.arange(1, n + 1)
+        pos = torch.arange(lens[b], device=q.device)
+        lim = lens[b] - n + torch.arange(1, n + 1, device=q.device)
         s.masked_fill_(pos[None, None, :] >= lim[None, :, None], float("-inf"))
         avg = torch.softmax(s, -1).mean(0)
         margin = min(margin, (avg - sparsity).abs().min().item())
