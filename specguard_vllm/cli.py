@@ -119,8 +119,19 @@ def _cmd_trace(args: argparse.Namespace) -> int:
                       "steps": [s.to_json() for s in result.steps]}
             _print_trace(record, args.json)
         return 0
-    print(f"--engine {args.engine} is not available in this build", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    # vLLM logs to stdout by default; keep stdout for the trace itself.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    from transformers import AutoTokenizer
+
+    from specguard_vllm.engine_trace import trace_with_vllm
+
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    prompts_ids = [_encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    results = trace_with_vllm(args.target, config, prompts_ids, mode=args.mode,
+                              max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed)
+    for prompt, result in zip(args.prompt, results):
+        _print_trace({"prompt": prompt, **result}, args.json)
+    return 0
 
 
 def _print_trace(record: dict, as_json: bool) -> None:

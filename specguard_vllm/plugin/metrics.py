@@ -38,7 +38,7 @@ class SpecGuardMetrics:
     MAX_KEPT_DECISIONS = 100_000
 
     def __init__(self, model_name: str = ""):
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         labels = ["model_name"]
         self._model = model_name
@@ -54,6 +54,9 @@ class SpecGuardMetrics:
                                labels, buckets=UNIT_BUCKETS)
         self.draft_time = Histogram("specguard_draft_seconds", "Time to draft and select one "
                                     "batch of candidate steps", labels, buckets=TIME_BUCKETS)
+        self.tracked = Gauge("specguard_tracked_requests", "Requests with SpecGuard step state "
+                             "in the worker (0 when idle: nothing leaks)", labels,
+                             multiprocess_mode="livesum")
         self.verify_time = Histogram("specguard_verify_seconds", "Time of the step decision "
                                      "(scoring and sampling) per batch", labels, buckets=TIME_BUCKETS)
 
@@ -75,6 +78,9 @@ class SpecGuardMetrics:
                     self.counters.decisions.append((d.lpbv, d.abgv, d.score, d.accepted))
             self.counters.verify_seconds += seconds
             self.verify_time.labels(self._model).observe(seconds)
+
+    def set_tracked(self, count: int) -> None:
+        self.tracked.labels(self._model).set(count)
 
     def observe_draft(self, seconds: float) -> None:
         with self._lock:

@@ -103,18 +103,52 @@ def patch_create_speculative_config() -> None:  # P2
                     config = config_from_mapping(spec, "speculative_config")
                 except ConfigError as error:
                     raise ValueError(error.render()) from None
+                _check_draft_vocab(config.model, target_model_config)
                 vllm_spec, block = to_vllm_speculative_config(config)
                 self.speculative_config = vllm_spec
                 additional = dict(self.additional_config or {})
                 additional[ADDITIONAL_CONFIG_KEY] = block
                 self.additional_config = additional
                 _force_gpu_settings(self)
+                _enable_worker_metrics()
             else:
                 self.speculative_config = spec
             return original(self, target_model_config, target_parallel_config)
         return create_speculative_config
 
     _wrap(EngineArgs, "create_speculative_config", make)
+
+
+def _check_draft_vocab(draft: str, target_model_config) -> None:
+    """Refuse a draft whose vocabulary differs from the target's, before loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        draft_vocab = int(AutoConfig.from_pretrained(draft).vocab_size)
+    except Exception as error:  # noqa: BLE001 - any loading problem is the user's input
+        raise ValueError(f"SpecGuard: cannot read the draft model config {draft!r}: {error}") from None
+    target_vocab = int(target_model_config.get_vocab_size())
+    if draft_vocab != target_vocab:
+        raise ValueError(
+            f"SpecGuard: draft vocabulary size {draft_vocab} ({draft}) does not match the "
+            f"target's {target_vocab}: the draft must share the target's tokenizer")
+
+
+def _enable_worker_metrics() -> None:
+    """Let SpecGuard's worker-side metrics reach the API server's ``/metrics``.
+
+    They are recorded in the worker process; prometheus_client's multiprocess
+    mode (which vLLM itself uses with several API servers) merges them. Metrics
+    created from here on in this process use the multiprocess value class too.
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+
+    setup_multiprocess_prometheus()
+    import prometheus_client.values as values
+
+    values.ValueClass = values.get_value_class()
 
 
 def _force_gpu_settings(engine_args) -> None:

@@ -132,6 +132,7 @@ def after_sampling(runner, output_token_ids: torch.Tensor) -> None:
             decision = verdicts.decisions[i]
             verified = None if decision is None else decision.accepted
         state.steps.after_sampling(req_id, tokens, verified)
+    state.metrics.set_tracked(len(state.steps))
 
 
 def before_propose(runner) -> None:
@@ -163,6 +164,7 @@ def on_update_states(runner, scheduler_output) -> None:
         return
     finished = getattr(scheduler_output, "finished_req_ids", None) or ()
     state.steps.forget(finished)
+    state.metrics.set_tracked(len(state.steps))
 
 
 def grounding_hook(impl, layer, query, kv_cache, attn_metadata) -> None:

@@ -59,9 +59,10 @@ def train_member(
 ) -> dict:
     """Train `m` for `m.train_steps` steps on fresh train-split problems; return the log.
 
-    Every example is a distinct problem (`m.steps * m.batch_size` of them) with one
-    randomly phrased solution; `m.data_seed` picks the stream, so target and draft
-    see different problems and phrasings.
+    Every example is a distinct problem (`m.steps * m.batch_size` of them, one per
+    example of the full schedule, so stopping early at `m.stop_at` replays exactly the
+    same batches) with one randomly phrased solution; `m.data_seed` picks the stream,
+    so target and draft see different problems and phrasings.
     """
     from transformers import LlamaForCausalLM
 
@@ -73,7 +74,7 @@ def train_member(
     model = LlamaForCausalLM(llama_config(m, vocab))
     n_params = sum(p.numel() for p in model.parameters())
 
-    problems = generate("train", m.train_steps * m.batch_size, seed=m.data_seed)
+    problems = generate("train", m.steps * m.batch_size, seed=m.data_seed)
     examples = encode_examples(tok, problems, seed=m.data_seed)
     stream = batches(examples, m.batch_size, seed=m.data_seed)
     opt = _optimizer(model, m)

