@@ -65,13 +65,23 @@ def test_completion_chat_and_streaming(client):
     assert streamed == completion.choices[0].text
 
 
-def test_logprobs_belong_to_committed_tokens(client):
+def test_logprobs_belong_to_committed_tokens(client, tiny_pair):
+    """Returned logprobs are the target's log-probs of the committed tokens, drafted or not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     completion = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=20,
-                                           temperature=0, logprobs=1)
+                                           temperature=0, logprobs=1,
+                                           extra_body={"return_token_ids": True})
     choice = completion.choices[0]
-    assert len(choice.logprobs.tokens) == completion.usage.completion_tokens
-    assert "".join(choice.logprobs.tokens) == choice.text
-    assert all(lp <= 0.0 for lp in choice.logprobs.token_logprobs)
+    prompt_ids, token_ids = list(choice.prompt_token_ids), list(choice.token_ids)
+    assert len(choice.logprobs.token_logprobs) == len(token_ids) == completion.usage.completion_tokens
+    target = AutoModelForCausalLM.from_pretrained(tiny_pair["target"], dtype=torch.float32)
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt_ids + token_ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[len(prompt_ids) - 1: -1].gather(
+        1, torch.tensor(token_ids).unsqueeze(1)).squeeze(1)
+    assert choice.logprobs.token_logprobs == pytest.approx(expected.tolist(), abs=1e-3)
 
 
 def test_n_greater_than_one_stop_strings_and_max_tokens_mid_step(client):

@@ -11,6 +11,7 @@ No attention map is stored. The verifier rolls the layers out afterwards.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,7 @@ class GroundingCapture:
         self.backend_name = backend_name
         self.batch: StepBatch | None = None
         self.armed = False
+        self.seconds = 0.0  # time spent computing grounding statistics (scorer overhead)
 
     def arm(self, num_draft_tokens: list[int]) -> None:
         m = len(self.layer_positions)
@@ -86,6 +88,7 @@ class GroundingCapture:
             return
         from kernels.dispatch import k_cache_view, step_grounding_stats
 
+        started = time.perf_counter()
         batch = self.batch
         n = torch.tensor(batch.num_draft_tokens, dtype=torch.int32)
         num_reqs = n.numel()
@@ -103,6 +106,9 @@ class GroundingCapture:
         )
         batch.prefix_mass[position] = prefix_mass
         batch.block[position] = block
+        if query.is_cuda:
+            torch.cuda.synchronize(query.device)
+        self.seconds += time.perf_counter() - started
 
 
 # One engine (one model runner) per worker process: the hook finds it here.

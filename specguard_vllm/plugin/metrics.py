@@ -28,6 +28,8 @@ class StepCounters:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     grounding_seconds: float = 0.0
+    draft_calls: int = 0
+    verify_calls: int = 0
     decisions: list = field(default_factory=list)  # (lpbv, abgv, score, accepted), bounded
 
     def as_dict(self) -> dict:
@@ -77,7 +79,12 @@ class SpecGuardMetrics:
                 if len(self.counters.decisions) < self.MAX_KEPT_DECISIONS:
                     self.counters.decisions.append((d.lpbv, d.abgv, d.score, d.accepted))
             self.counters.verify_seconds += seconds
+            self.counters.verify_calls += 1
             self.verify_time.labels(self._model).observe(seconds)
+
+    def add_grounding_time(self, seconds: float) -> None:
+        with self._lock:
+            self.counters.grounding_seconds += seconds
 
     def set_tracked(self, count: int) -> None:
         self.tracked.labels(self._model).set(count)
@@ -85,6 +92,7 @@ class SpecGuardMetrics:
     def observe_draft(self, seconds: float) -> None:
         with self._lock:
             self.counters.draft_seconds += seconds
+            self.counters.draft_calls += 1
             self.draft_time.labels(self._model).observe(seconds)
 
 

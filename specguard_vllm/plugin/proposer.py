@@ -22,6 +22,7 @@ Returns ``[B, K]``; the runner patch cuts each row after its step delimiter.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
@@ -33,6 +34,12 @@ from specguard_vllm.core.selector import select_candidate
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
 
 logger = logging.getLogger("vllm.specguard")
+
+
+def _hash_seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints and lists (stable across processes)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class SpecGuardDraftProposer(DraftModelProposer):
@@ -49,18 +56,47 @@ class SpecGuardDraftProposer(DraftModelProposer):
         self.last_candidates: list[list[list[int]]] | None = None
         self._scratch_base: int | None = None
         self._scratch_blocks_per_row = 0
-        self._generator: torch.Generator | None = None
+        self._owner = runner
+        # One draft sampler per request, seeded from the config seed, the request's own
+        # seed and its prompt: the same request drafts the same candidates whatever else
+        # is in the batch, so a greedy request is reproducible under continuous batching.
+        self._seeds: dict[str, int] = {}
+        self._generators: list[torch.Generator] = []
 
     # ------------------------------------------------------------------ sampling
-    def _draft_generator(self) -> torch.Generator:
-        if self._generator is None:
-            seed = self.specguard.specguard.seed
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(0 if seed is None else seed)
-        return self._generator
+    def _request_seed(self, req_id: str) -> int:
+        seed = self._seeds.get(req_id)
+        if seed is None:
+            seed = self.specguard.specguard.seed or 0
+            request = getattr(self._owner, "requests", {}).get(req_id)
+            if request is not None:
+                params = getattr(request, "sampling_params", None)
+                request_seed = getattr(params, "seed", None) or 0
+                prompt = getattr(request, "prompt_token_ids", None) or []
+                seed = _hash_seed(seed, request_seed, list(prompt))
+            self._seeds[req_id] = seed
+        return seed
 
-    def _sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens at draft_temperature and their raw (T=1) draft log-probs."""
+    def _step_generators(self, req_ids: list[str], positions: list[int]) -> list[torch.Generator]:
+        """A fresh sampler per request and step, seeded by (request seed, step position).
+
+        The draws of one step therefore never depend on how many draws other steps
+        made, nor on which other requests share the batch (the batched loop keeps
+        drawing for a request whose candidates have already ended their step).
+        """
+        generators = []
+        for req_id, position in zip(req_ids, positions):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(_hash_seed(self._request_seed(req_id), position))
+            generators.append(generator)
+        return generators
+
+    def forget(self, req_ids) -> None:
+        for req_id in req_ids:
+            self._seeds.pop(req_id, None)
+
+    def _sample(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens at draft_temperature and their raw (T=1) draft log-probs; rows = request*k."""
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         temperature = self.specguard.specguard.draft_temperature
@@ -68,7 +104,10 @@ class SpecGuardDraftProposer(DraftModelProposer):
             tokens = logits.argmax(dim=-1)
         else:
             probs = torch.softmax(logits / temperature, dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=self._draft_generator()).squeeze(-1)
+            tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+            for i, generator in enumerate(self._generators):
+                rows = slice(i * k, (i + 1) * k)
+                tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator).squeeze(-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
     # ------------------------------------------------------------------ scratch KV
@@ -173,9 +212,14 @@ class SpecGuardDraftProposer(DraftModelProposer):
             return torch.empty(num_reqs, 0, dtype=torch.int64, device=hidden.device)
 
         rows = num_reqs * k
+        req_ids = list(self._owner.input_batch.req_ids[:num_reqs]) if self._owner is not None \
+            else [str(i) for i in range(num_reqs)]
+        if self.specguard.specguard.draft_temperature > 0.0:
+            bonus_positions = self.positions[sample_idx][:num_reqs].tolist()
+            self._generators = self._step_generators(req_ids, bonus_positions)
         tokens_out = torch.zeros(rows, K, dtype=torch.int64, device=hidden.device)
         logprobs_out = torch.zeros(rows, K, dtype=torch.float32, device=hidden.device)
-        token, lp = self._sample(first_logits.repeat_interleave(k, dim=0))
+        token, lp = self._sample(first_logits.repeat_interleave(k, dim=0), k)
         tokens_out[:, 0], logprobs_out[:, 0] = token, lp
         length = 1
 
@@ -219,7 +263,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                         inputs_embeds=None)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
-                token, lp = self._sample(self.model.compute_logits(hidden[:rows]))
+                token, lp = self._sample(self.model.compute_logits(hidden[:rows]), k)
                 tokens_out[:, step], logprobs_out[:, step] = token, lp
                 length = step + 1
                 done = self._rows_done(tokens_out[:, :length], length, hints, k)

@@ -164,6 +164,7 @@ def on_update_states(runner, scheduler_output) -> None:
         return
     finished = getattr(scheduler_output, "finished_req_ids", None) or ()
     state.steps.forget(finished)
+    runner.drafter.forget(finished)
     state.metrics.set_tracked(len(state.steps))
 
 

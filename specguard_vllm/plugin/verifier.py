@@ -26,7 +26,7 @@ from vllm.v1.sample.rejection_sampler import (
 )
 
 from specguard_vllm.config import ConfigError, SpecGuardConfig, apply_request_overrides
-from specguard_vllm.core.confidence import segment_min, token_logprobs
+from kernels.dispatch import step_min_logprob
 from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import rollout_grounding
 from specguard_vllm.plugin import grounding_capture
@@ -86,6 +86,9 @@ class SpecGuardRejectionSampler(RejectionSampler):
             blocks = torch.stack([blk[offset: offset + n, :n] for blk in batch.block])
             g_min.append(float(rollout_grounding(masses.float(), blocks.float()).min()))
             offset += n
+        if self.metrics is not None:
+            self.metrics.add_grounding_time(capture.seconds)
+        capture.seconds = 0.0
         capture.clear()
         return torch.tensor(g_min, dtype=torch.float32, device=device)
 
@@ -101,17 +104,14 @@ class SpecGuardRejectionSampler(RejectionSampler):
         device = logits.device
         num_drafts = torch.tensor(metadata.num_draft_tokens, dtype=torch.int64, device=device)
         has_step = num_drafts > 0
-        raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
-
-        # LPBV per row from the raw target logits of the drafted positions.
-        l_min = torch.zeros(num_rows, dtype=torch.float32, device=device)
-        if bool(has_step.any()):
-            lp = token_logprobs(raw_target_logits, metadata.draft_token_ids)
-            cu = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
-            cu[1:] = metadata.cu_num_draft_tokens.to(device=device, dtype=torch.int64)
-            rows = has_step.nonzero().squeeze(1)
-            cu_steps = torch.cat([cu[rows], cu[rows + 1][-1:]])
-            l_min[rows] = segment_min(lp, cu_steps)
+        # LPBV per row from the raw target logits of the drafted positions, in one pass
+        # over the vocabulary (kernels.dispatch: fused Triton kernel on CUDA).
+        cu = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
+        cu[1:] = metadata.cu_num_draft_tokens.to(device=device, dtype=torch.int64)
+        _, l_min = step_min_logprob(logits, metadata.draft_token_ids, cu,
+                                    max_step_len=metadata.max_spec_len,
+                                    rows=metadata.target_logits_indices)
+        l_min = torch.where(has_step, l_min, torch.zeros_like(l_min))
 
         req_ids, taus, betas = self._request_params(num_rows)
         score, accepted = decide_steps(
@@ -151,6 +151,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
         logprobs_tensors = None
         if sampling_metadata.max_num_logprobs is not None:
+            raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
             target_for_logprobs = raw_target_logits
             if self.is_processed_logprobs_mode:
                 target_for_logprobs = apply_sampling_constraints(

@@ -194,3 +194,13 @@ def generate(split: Split, n: int, seed: int = 0) -> list[Problem]:
         if len(out) == n:
             break
     return out
+
+
+def as_record(problem: Problem) -> dict:
+    """A JSON-ready record (question, answer, gold steps with literal operand values)."""
+    steps = []
+    for s in problem.steps:
+        a, b = (problem.steps[x.step].result if isinstance(x, Ref) else x for x in s.inputs)
+        steps.append({"op": s.op, "a": a, "b": b, "result": s.result, "deps": list(s.deps)})
+    return {"question": problem.question, "answer": problem.answer, "item": problem.item,
+            "split": problem.split, "steps": steps}
