@@ -164,3 +164,47 @@ def test_tau_zero_accepts_every_step_in_engine(tiny_pair, tmp_path):
     guarded = trace(tiny_pair["target"], config, texts, tmp_path, "--tau", "0")
     verified = [s for line in guarded for s in line["steps"] if s["accepted"] is not None]
     assert verified and all(s["accepted"] for s in verified)
+
+
+def test_chunked_prefill_and_prefix_caching_keep_text_and_decisions(tiny_pair, tmp_path):
+    """Long prompts prefilled in 64-token chunks, then served again from the prefix cache."""
+    shared = "".join(f"{'abcdefgh'[i % 8]} = {i % 9 + 1}\n" for i in range(22))  # > one 128-token block
+    texts = [shared + tail for tail in ("a = ", "b = a + 1\n", "answer", "c = ")]
+    tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
+    config = write_config(tmp_path / "cp.json", tiny_pair["draft"], num_candidates=1,
+                          draft_temperature=0.0, tau=tau)
+    log = tmp_path / "decisions.jsonl"
+    script = tmp_path / "run_chunked.py"
+    script.write_text(
+        "import json\n"
+        "from transformers import AutoTokenizer\n"
+        "from specguard_vllm.config import load_config\n"
+        "from specguard_vllm.engine_trace import make_llm\n"
+        "from vllm import SamplingParams\n"
+        "if __name__ == '__main__':\n"
+        f"    cfg = load_config({str(config)!r})\n"
+        f"    tok = AutoTokenizer.from_pretrained({str(tiny_pair['target'])!r})\n"
+        f"    texts = json.loads({json.dumps(json.dumps(texts))})\n"
+        f"    llm = make_llm({str(tiny_pair['target'])!r}, cfg, max_model_len=256, max_num_seqs=4,\n"
+        "                   enable_chunked_prefill=True, max_num_batched_tokens=64,\n"
+        "                   enable_prefix_caching=True)\n"
+        "    prompts = [{'prompt_token_ids': tok(t)['input_ids']} for t in texts]\n"
+        "    params = SamplingParams(temperature=0, max_tokens=30)\n"
+        "    for round_ in range(2):\n"
+        "        outs = llm.generate(prompts, params, use_tqdm=False)\n"
+        "        print(json.dumps([tok.decode(o.outputs[0].token_ids, skip_special_tokens=True)\n"
+        "                          for o in outs]))\n"
+        "    hits = sum(m.value for m in llm.get_metrics() if m.name == 'vllm:prefix_cache_hits')\n"
+        "    print('HITS', hits)\n"
+    )
+    env = dict(os.environ, SPECGUARD_DECISION_LOG=str(log), VLLM_LOGGING_STREAM="ext://sys.stderr")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            cwd=REPO, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rounds = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    reference, _ = reference_traces(tiny_pair["target"], config, texts, max_tokens=30)
+    assert len(rounds) == 2
+    for engine_texts in rounds:
+        assert engine_texts == [r["text"] for r in reference]
+    hits = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("HITS")]
+    assert hits and hits[0] > 0, "the second round should be served from the prefix cache"

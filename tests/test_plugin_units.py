@@ -1,0 +1,146 @@
+"""The plugin's pieces that need no engine: version gate, config bridge, patches, step state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from specguard_vllm.core.steps import StepSegmenter
+from specguard_vllm.plugin import version
+from specguard_vllm.plugin.config_bridge import (
+    read_speculative_config_arg,
+    specguard_from_additional_config,
+    to_vllm_speculative_config,
+)
+from specguard_vllm.plugin.step_state import StepStateTable
+
+GOOD = {"method": "specguard", "model": "some/draft", "num_speculative_tokens": 8,
+        "specguard": {"tau": 0.6}}
+
+
+@pytest.mark.parametrize("found, ok", [("0.32.0", True), ("0.32.3+cpu", True), ("0.31.2", False),
+                                      ("0.33.0", False), ("1.0.0", False), ("garbage", False)])
+def test_version_gate_names_the_supported_versions(monkeypatch, found, ok):
+    monkeypatch.setattr(version, "installed_vllm", lambda: ("vllm", found))
+    if ok:
+        assert version.check_vllm_version() == found
+    else:
+        with pytest.raises(version.UnsupportedVLLMError, match=r"0\.32\.x.*found vllm " + found.replace(".", r"\.")):
+            version.check_vllm_version()
+
+
+def test_version_gate_without_vllm(monkeypatch):
+    monkeypatch.setattr(version, "installed_vllm", lambda: None)
+    with pytest.raises(version.UnsupportedVLLMError, match="no vLLM is installed"):
+        version.check_vllm_version()
+
+
+def test_installed_vllm_is_supported_here():
+    assert version.check_vllm_version().startswith("0.32")
+
+
+def test_speculative_config_arg_accepts_json_yaml_and_json_files(tmp_path):
+    assert read_speculative_config_arg(json.dumps(GOOD)) == GOOD
+    yaml_file = tmp_path / "sg.yaml"
+    yaml_file.write_text("method: specguard\nmodel: some/draft\nnum_speculative_tokens: 8\n"
+                         "specguard:\n  tau: 0.6\n")
+    assert read_speculative_config_arg(str(yaml_file)) == GOOD
+    json_file = tmp_path / "sg.json"
+    json_file.write_text(json.dumps(GOOD))
+    assert read_speculative_config_arg(str(json_file)) == GOOD
+    # Other methods pass through untouched (vLLM validates them).
+    assert read_speculative_config_arg('{"method": "ngram", "num_speculative_tokens": 3}')["method"] == "ngram"
+    assert read_speculative_config_arg("None") is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("/no/such/file.yaml", "neither a JSON object nor an existing"),
+    ('{"method": "specguard"', "not valid JSON"),
+    (json.dumps({**GOOD, "specguard": {"tau": -1}}), "specguard.tau"),
+    (json.dumps({**GOOD, "bogus": 1}), "bogus: unknown key"),
+])
+def test_speculative_config_arg_refusals_name_the_problem(value, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        read_speculative_config_arg(value)
+
+
+def test_unsafe_yaml_file_is_refused(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(argparse.ArgumentTypeError, match="bad YAML"):
+        read_speculative_config_arg(str(evil))
+
+
+def test_alias_maps_to_draft_model_and_round_trips_through_additional_config():
+    from specguard_vllm.config import config_from_mapping
+
+    config = config_from_mapping(GOOD)
+    spec, block = to_vllm_speculative_config(config)
+    assert spec == {"method": "draft_model", "model": "some/draft", "num_speculative_tokens": 8}
+    again = specguard_from_additional_config({"specguard": block})
+    assert again == config
+    assert specguard_from_additional_config({}) is None
+    assert specguard_from_additional_config(None) is None
+
+
+def test_patched_vllm_parser_takes_a_path_and_refuses_bad_configs(tmp_path):
+    from specguard_vllm.plugin.patches import apply_all_patches
+
+    apply_all_patches()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    good = tmp_path / "good.yaml"
+    good.write_text("method: specguard\nmodel: d\nnum_speculative_tokens: 4\n")
+    args = parser.parse_args(["--speculative-config", str(good)])
+    assert args.speculative_config["method"] == "specguard"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: specguard\nmodel: d\nnum_speculative_tokens: 0\n")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speculative-config", str(bad)])
+
+
+def test_request_override_validation_in_sampling_params():
+    from specguard_vllm.plugin.patches import apply_all_patches
+
+    apply_all_patches()
+    from vllm import SamplingParams
+
+    SamplingParams(extra_args={"tau": 0.9, "beta": 0.1, "other_plugin_key": "x"})
+    with pytest.raises(ValueError, match=r"vllm_xargs\.tau"):
+        SamplingParams(extra_args={"tau": -0.5})
+    with pytest.raises(ValueError, match=r"vllm_xargs\.beta"):
+        SamplingParams(extra_args={"specguard_beta": 7})
+
+
+VOCAB = ["a", "b", "\n", "</s>"]
+
+
+def table() -> StepStateTable:
+    return StepStateTable(StepSegmenter(lambda ids: "".join(VOCAB[i] for i in ids), 4, ["\n"], [3]))
+
+
+def test_rejected_step_gets_no_drafts_until_the_target_writes_the_delimiter():
+    steps = table()
+    steps.after_sampling("r", [0], verified=None)          # prefill token
+    assert steps.truncate_draft("r", [1, 0, 2, 1]) == [1, 0, 2]
+    steps.after_sampling("r", [1], verified=False)          # step rejected: target's token only
+    assert steps.truncate_draft("r", [0, 2]) == []
+    steps.after_sampling("r", [0], verified=None)
+    assert steps.truncate_draft("r", [0, 2]) == []
+    steps.after_sampling("r", [2], verified=None)          # the target ends the step
+    assert steps.truncate_draft("r", [0, 0, 2, 0]) == [0, 0, 2]
+    steps.after_sampling("r", [0, 0, 2, 1], verified=True)  # accepted + bonus
+    assert not steps.get("r").regenerating and steps.get("r").open_step == [1]
+    steps.forget(["r"])
+    assert len(steps) == 0
+
+
+def test_rejection_whose_token_ends_the_step_does_not_regenerate():
+    steps = table()
+    steps.after_sampling("r", [2], verified=False)
+    assert not steps.get("r").regenerating
+    assert steps.truncate_draft("r", [1, 1]) == [1, 1]
