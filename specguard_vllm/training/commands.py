@@ -52,16 +52,26 @@ def cmd_eval_pair(args: argparse.Namespace) -> int:
 
 def _train_one(which: str, out: Path, tokenizer_dir: Path, steps: int | None,
                stop_at: int | None) -> int:
-    from specguard_vllm.training.model_config import DRAFT, TARGET
+    """Train one member's stages in order; each later stage starts from the one before."""
+    import shutil
+
+    from specguard_vllm.training.model_config import DRAFT, TARGET_STAGES
     from specguard_vllm.training.trainer import train_member
 
-    member = {"target": TARGET, "draft": DRAFT}[which]
-    if steps is not None:
-        member = dataclasses.replace(member, steps=steps, stop_at=None)
-    if stop_at is not None:
-        member = dataclasses.replace(member, stop_at=stop_at)
-    log = train_member(member, tokenizer_dir, out)
-    print(json.dumps(log))
+    stages = {"target": TARGET_STAGES, "draft": (DRAFT,)}[which]
+    final = out / f"tiny-{which}"
+    previous: Path | None = None
+    for k, member in enumerate(stages):
+        if steps is not None:
+            member = dataclasses.replace(member, steps=steps, stop_at=None)
+        if stop_at is not None:
+            member = dataclasses.replace(member, stop_at=stop_at)
+        dest = final if k == len(stages) - 1 else out / f"tiny-{which}-stage{k + 1}"
+        log = train_member(member, tokenizer_dir, dest, init_from=previous)
+        print(json.dumps(log), flush=True)
+        if previous is not None:
+            shutil.rmtree(previous)
+        previous = dest
     return 0
 
 
@@ -71,8 +81,7 @@ def cmd_train_pair(args: argparse.Namespace) -> int:
     out = Path(args.out)
     tokenizer_dir = out / "tokenizer"
     if args.only:
-        return _train_one(args.only, out / f"tiny-{args.only}", tokenizer_dir,
-                          args.steps, args.stop_at)
+        return _train_one(args.only, out, tokenizer_dir, args.steps, args.stop_at)
     from specguard_vllm.training.tokenizer import build_tokenizer, save_tokenizer
 
     save_tokenizer(build_tokenizer(), tokenizer_dir)
@@ -80,6 +89,10 @@ def cmd_train_pair(args: argparse.Namespace) -> int:
     for which in ("target", "draft"):
         cmd = [sys.executable, "-m", "specguard_vllm.training.commands", "train-pair",
                "--out", str(out), "--only", which]
+        if args.steps is not None:
+            cmd += ["--steps", str(args.steps)]
+        if args.stop_at is not None:
+            cmd += ["--stop-at", str(args.stop_at)]
         procs.append(subprocess.Popen(cmd))
     codes = [p.wait() for p in procs]
     return max(codes)
@@ -102,7 +115,8 @@ def add_commands(subparsers) -> None:
                     help="writes OUT/tiny-target, OUT/tiny-draft and OUT/tokenizer")
     tr.add_argument("--only", choices=("target", "draft"),
                     help="train one member in this process (the tokenizer must exist)")
-    tr.add_argument("--steps", type=int, help="override the schedule length (for smoke runs)")
+    tr.add_argument("--steps", type=int,
+                    help="override every stage's schedule length (for smoke runs)")
     tr.add_argument("--stop-at", type=int, help="stop early on the schedule")
     tr.set_defaults(func=cmd_train_pair)
 

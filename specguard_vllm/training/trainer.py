@@ -55,14 +55,15 @@ def save_member(model, tokenizer_dir: Path, out_dir: Path, log: dict) -> None:
 
 def train_member(
     m: PairMember, tokenizer_dir: str | Path, out_dir: str | Path,
-    save_at: tuple[int, ...] = (), seed: int = 0,
+    save_at: tuple[int, ...] = (), seed: int = 0, init_from: str | Path | None = None,
 ) -> dict:
     """Train `m` for `m.train_steps` steps on fresh train-split problems; return the log.
 
     Every example is a distinct problem (`m.steps * m.batch_size` of them, one per
     example of the full schedule, so stopping early at `m.stop_at` replays exactly the
     same batches) with one randomly phrased solution; `m.data_seed` picks the stream,
-    so target and draft see different problems and phrasings.
+    so target and draft see different problems and phrasings. With `init_from`, the
+    weights start from that saved model (a fresh optimizer: a new cosine cycle).
     """
     from transformers import LlamaForCausalLM
 
@@ -71,7 +72,10 @@ def train_member(
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     vocab = 64 * math.ceil(tok.get_vocab_size() / 64)
-    model = LlamaForCausalLM(llama_config(m, vocab))
+    if init_from is None:
+        model = LlamaForCausalLM(llama_config(m, vocab))
+    else:
+        model = LlamaForCausalLM.from_pretrained(str(init_from), dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
 
     problems = generate("train", m.steps * m.batch_size, seed=m.data_seed)
@@ -101,7 +105,7 @@ def train_member(
         "member": m.to_dict(), "params": n_params, "vocab_size": vocab,
         "steps": m.train_steps, "examples": m.train_steps * m.batch_size, "tokens": n_tokens,
         "train_seconds": round(time.monotonic() - started, 1), "final_loss_ema": ema,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "init_from": str(init_from) if init_from else None,
     }
     model.eval()
     save_member(model, tokenizer_dir, out_dir, log)
