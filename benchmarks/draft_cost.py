@@ -23,9 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def bundled_or_tiny(workdir: Path):
+def bundled_or_tiny(workdir: Path, pair: str = "auto"):
     target, draft = REPO / "models/tiny-target", REPO / "models/tiny-draft"
-    if (target / "config.json").exists() and (draft / "config.json").exists():
+    bundled = (target / "config.json").exists() and (draft / "config.json").exists()
+    if pair == "bundled" and not bundled:
+        raise SystemExit("the bundled pair is not in models/")
+    if bundled and pair != "random":
         from specguard_vllm.config import load_config
 
         layers = load_config(REPO / "configs/specguard.yaml").specguard.grounding_layers
@@ -33,7 +36,7 @@ def bundled_or_tiny(workdir: Path):
     from tests.tiny_models import build_tiny_pair
 
     paths = build_tiny_pair(workdir)
-    return paths["target"], paths["draft"], 3, "tiny random pair (bundled pair missing)"
+    return paths["target"], paths["draft"], 3, "tiny random pair"
 
 
 def make_prompts(tokenizer, n: int, bundled: bool) -> list[list[int]]:
@@ -93,11 +96,13 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", default=str(REPO / "benchmarks/results/draft_cost.json"))
+    parser.add_argument("--pair", choices=["auto", "bundled", "random"], default="auto",
+                        help="auto: the bundled pair when present, else a tiny random pair")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        target, draft, layers, label = bundled_or_tiny(Path(tmp))
+        target, draft, layers, label = bundled_or_tiny(Path(tmp), args.pair)
         tokenizer = AutoTokenizer.from_pretrained(str(target))
         prompts = make_prompts(tokenizer, args.prompts, label == "bundled pair")
         rows = []

@@ -27,10 +27,10 @@ def reset_worker_counters(worker) -> bool:
 
 
 def llm_counters(llm) -> dict:
-    """Counters of the first worker of an offline ``vllm.LLM``."""
-    results = llm.collective_rpc(worker_counters)
+    """Counters of the first worker of an offline ``vllm.LLM`` (RPC method added by P12)."""
+    results = llm.collective_rpc("specguard_counters")
     return results[0] if results else {}
 
 
 def reset_llm_counters(llm) -> None:
-    llm.collective_rpc(reset_worker_counters)
+    llm.collective_rpc("specguard_reset_counters")

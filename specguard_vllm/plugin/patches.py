@@ -32,6 +32,9 @@ Worker (model runner):
   P11 ``<Backend>Impl.forward`` for CPU_ATTN, FLASH_ATTN, TRITON_ATTN: after the
      backend's attention, compute the grounding statistics of the target's last
      ``grounding_layers`` layers from the paged K cache.
+  P12 ``WorkerBase``: add the RPC methods ``specguard_counters`` and
+     ``specguard_reset_counters`` (new names only), so ``LLM.collective_rpc`` can
+     read SpecGuard's worker-side totals without pickled callables.
 """
 
 from __future__ import annotations
@@ -286,8 +289,18 @@ def patch_attention_impls() -> None:  # P11
             _wrap(impl, "forward", make)
 
 
+def patch_worker_rpc_methods() -> None:  # P12
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from specguard_vllm.plugin import introspect
+
+    if not hasattr(WorkerBase, "specguard_counters"):
+        WorkerBase.specguard_counters = introspect.worker_counters
+        WorkerBase.specguard_reset_counters = introspect.reset_worker_counters
+
+
 def apply_all_patches() -> None:
-    """Apply P1-P11 in order (idempotent)."""
+    """Apply P1-P12 in order (idempotent)."""
     global _applied
     if _applied:
         return
@@ -297,5 +310,6 @@ def apply_all_patches() -> None:
     patch_draft_proposer_class()
     patch_runner()
     patch_attention_impls()
+    patch_worker_rpc_methods()
     _applied = True
     logger.debug("SpecGuard patches applied (written for %s)", WRITTEN_FOR)
