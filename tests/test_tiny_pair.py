@@ -77,22 +77,27 @@ def test_eval_pair_json_last_line_has_the_contract_keys():
 
 @pytest.mark.slow
 def test_vllm_serve_target_answers_chat_in_task_format(tmp_path):
+    """vLLM serves the target faithfully: well-formed solutions, same greedy text as HF."""
     openai = pytest.importorskip("openai")
     pytest.importorskip("vllm")
+    from specguard_vllm.training.evaluate import decode, greedy_solutions, load, prompt_ids
     from tests.serving import vllm_server
 
-    problems = generate("test", 4, seed=321)
+    problems = generate("test", 6, seed=321)
+    tok, model = load(TARGET)
+    hf_texts = decode(tok, greedy_solutions(model, prompt_ids(tok, problems)))
     with vllm_server(TARGET, "--served-model-name", "tiny-target",
                      scratch_dir=tmp_path) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
-        grades = []
+        texts = []
         for p in problems:
             reply = client.chat.completions.create(
                 model="tiny-target", messages=[{"role": "user", "content": p.question}],
                 max_tokens=160, temperature=0.0,
             )
-            text = reply.choices[0].message.content
-            assert reply.choices[0].finish_reason == "stop", text
-            grades.append(grade_solution(p, text))
-    assert all(g.well_formed for g in grades), grades
-    assert sum(g.correct for g in grades) >= 3
+            assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+            texts.append(reply.choices[0].message.content)
+    grades = [grade_solution(p, t) for p, t in zip(problems, texts)]
+    assert all(g.well_formed for g in grades), texts
+    # fp32 kernels differ slightly, so allow one near-tie to flip a phrasing choice
+    assert sum(v == h for v, h in zip(texts, hf_texts)) >= len(problems) - 1, (texts, hf_texts)
