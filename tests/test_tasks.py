@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specguard_vllm.tasks import (
-    canonical_solution, generate, grade_solution, parse_step_line, render_solution, split_of,
+    canonical_solution,
+    generate,
+    grade_solution,
+    parse_step_line,
+    render_solution,
+    split_of,
 )
 from specguard_vllm.tasks.grading import GradingState, grade_step
 from specguard_vllm.tasks.problems import MAX_VALUE, Ref, apply_op
@@ -53,7 +58,7 @@ def test_every_gold_step_is_exact_and_in_range():
         assert p.answer == p.steps[-1].result
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dev(n: int, seed: int):
     return generate("dev", n, seed=seed)
 

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 
 from specguard_vllm.tasks import generate, render_solution
 from specguard_vllm.training.tokenizer import (
-    BOS, EOS, EOS_ID, build_tokenizer, prompt_text, save_tokenizer,
+    BOS,
+    EOS,
+    EOS_ID,
+    build_tokenizer,
+    prompt_text,
+    save_tokenizer,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

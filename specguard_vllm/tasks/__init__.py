@@ -7,7 +7,12 @@ step lines, `solutions` renders gold solutions, `grading` judges produced ones.
 from specguard_vllm.tasks.grading import SolutionGrade, StepGrade, grade_solution, grade_step
 from specguard_vllm.tasks.phrasing import parse_answer_line, parse_step_line, render_step
 from specguard_vllm.tasks.problems import (
-    Problem, Step, as_record, generate, iter_problems, split_of,
+    Problem,
+    Step,
+    as_record,
+    generate,
+    iter_problems,
+    split_of,
 )
 from specguard_vllm.tasks.solutions import canonical_solution, render_solution
 
