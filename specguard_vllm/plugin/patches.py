@@ -172,9 +172,16 @@ def _force_gpu_settings(engine_args) -> None:
         from vllm.config.compilation import CUDAGraphMode
 
         compilation = engine_args.compilation_config
-        mode = getattr(compilation, "cudagraph_mode", None)
+        if isinstance(compilation, dict):
+            mode = compilation.get("cudagraph_mode")
+            mode = CUDAGraphMode[mode.upper()] if isinstance(mode, str) else mode
+        else:
+            mode = getattr(compilation, "cudagraph_mode", None)
         if mode not in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
-            compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+            if isinstance(compilation, dict):
+                compilation["cudagraph_mode"] = CUDAGraphMode.PIECEWISE
+            else:
+                compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
             logger.warning("SpecGuard: cudagraph_mode=PIECEWISE (FULL graphs replay the "
                            "attention without the grounding hook)")
 
