@@ -26,6 +26,7 @@ def make_llm(target: str, config: SpecGuardConfig | None, *, dtype: str = "float
     scratch = scratch_dir or os.path.join(tempfile.gettempdir(), "specguard-vllm")
     for key, value in vllm_process_env(scratch).items():
         os.environ.setdefault(key, value)
+    os.environ.pop("TRITON_INTERPRET", None)  # never run vLLM under Triton's interpreter
     from specguard_vllm.vllm_cli import install_version_shim
 
     install_version_shim()

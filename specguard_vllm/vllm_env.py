@@ -16,6 +16,8 @@ def vllm_process_env(scratch_dir: str | os.PathLike[str], base: dict[str, str] |
     for sub in ("cache/vllm", "cache/inductor", "cache/triton", "tmp"):
         (scratch / sub).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if base is None else base)
+    # The kernel tests run Triton's interpreter; vLLM itself must never inherit it.
+    env.pop("TRITON_INTERPRET", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.update(
         {

@@ -54,6 +54,15 @@ def trace(target: Path, config: Path, texts: list[str], tmp_path: Path, *extra: 
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
+def run_engine(spec: dict, log: Path) -> list[dict]:
+    """Rounds printed by tests/engine_runner.py (an offline engine in its own process)."""
+    env = dict(os.environ, SPECGUARD_DECISION_LOG=str(log), VLLM_LOGGING_STREAM="ext://sys.stderr")
+    result = subprocess.run([sys.executable, "-m", "tests.engine_runner", json.dumps(spec)],
+                            capture_output=True, text=True, cwd=REPO, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
 def reference_traces(target: Path, config_path: Path, texts: list[str], max_tokens: int = 40, **kw):
     from specguard_vllm.config import load_config
 
@@ -108,31 +117,9 @@ def test_engine_k4_every_step_rescored_by_reference_verifier(tiny_pair, tmp_path
     config = write_config(tmp_path / "k4.json", tiny_pair["draft"], num_candidates=4,
                           draft_temperature=0.7, tau=tau)
     log = tmp_path / "decisions.jsonl"
-    from specguard_vllm.engine_trace import trace_with_vllm  # noqa: F401  (import check)
-
-    script = tmp_path / "run_k4.py"
-    script.write_text(
-        "import json, sys\n"
-        "from transformers import AutoTokenizer\n"
-        "from specguard_vllm.config import load_config\n"
-        "from specguard_vllm.engine_trace import make_llm\n"
-        "from vllm import SamplingParams\n"
-        "if __name__ == '__main__':\n"
-        f"    cfg = load_config({str(config)!r})\n"
-        f"    tok = AutoTokenizer.from_pretrained({str(tiny_pair['target'])!r})\n"
-        f"    texts = json.loads({json.dumps(json.dumps(texts))})\n"
-        f"    llm = make_llm({str(tiny_pair['target'])!r}, cfg, max_model_len=256)\n"
-        "    outs = llm.generate([{'prompt_token_ids': tok(t)['input_ids']} for t in texts],\n"
-        "                        SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)\n"
-        "    for o in outs:\n"
-        "        print(json.dumps({'req': o.request_id.split('-')[0], 'ids': list(o.prompt_token_ids)\n"
-        "                          + list(o.outputs[0].token_ids)}))\n"
-    )
-    env = dict(os.environ, SPECGUARD_DECISION_LOG=str(log), VLLM_LOGGING_STREAM="ext://sys.stderr")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            cwd=REPO, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    sequences = {d["req"]: d["ids"] for d in map(json.loads, result.stdout.splitlines())}
+    rounds = run_engine({"target": str(tiny_pair["target"]), "config": str(config), "texts": texts,
+                         "llm_kwargs": {"max_model_len": 256}}, log)
+    sequences = {o["req"]: o["prompt_ids"] + o["token_ids"] for o in rounds[0]["outputs"]}
     _, decoder = reference_traces(tiny_pair["target"], config, [])
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(entries) >= len(texts)
@@ -173,38 +160,13 @@ def test_chunked_prefill_and_prefix_caching_keep_text_and_decisions(tiny_pair, t
     tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
     config = write_config(tmp_path / "cp.json", tiny_pair["draft"], num_candidates=1,
                           draft_temperature=0.0, tau=tau)
-    log = tmp_path / "decisions.jsonl"
-    script = tmp_path / "run_chunked.py"
-    script.write_text(
-        "import json\n"
-        "from transformers import AutoTokenizer\n"
-        "from specguard_vllm.config import load_config\n"
-        "from specguard_vllm.engine_trace import make_llm\n"
-        "from vllm import SamplingParams\n"
-        "if __name__ == '__main__':\n"
-        f"    cfg = load_config({str(config)!r})\n"
-        f"    tok = AutoTokenizer.from_pretrained({str(tiny_pair['target'])!r})\n"
-        f"    texts = json.loads({json.dumps(json.dumps(texts))})\n"
-        f"    llm = make_llm({str(tiny_pair['target'])!r}, cfg, max_model_len=256, max_num_seqs=4,\n"
-        "                   enable_chunked_prefill=True, max_num_batched_tokens=64,\n"
-        "                   enable_prefix_caching=True)\n"
-        "    prompts = [{'prompt_token_ids': tok(t)['input_ids']} for t in texts]\n"
-        "    params = SamplingParams(temperature=0, max_tokens=30)\n"
-        "    for round_ in range(2):\n"
-        "        outs = llm.generate(prompts, params, use_tqdm=False)\n"
-        "        print(json.dumps([tok.decode(o.outputs[0].token_ids, skip_special_tokens=True)\n"
-        "                          for o in outs]))\n"
-        "    hits = sum(m.value for m in llm.get_metrics() if m.name == 'vllm:prefix_cache_hits')\n"
-        "    print('HITS', hits)\n"
-    )
-    env = dict(os.environ, SPECGUARD_DECISION_LOG=str(log), VLLM_LOGGING_STREAM="ext://sys.stderr")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            cwd=REPO, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    rounds = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    rounds = run_engine({"target": str(tiny_pair["target"]), "config": str(config), "texts": texts,
+                         "max_tokens": 30, "rounds": 2,
+                         "llm_kwargs": {"max_model_len": 256, "max_num_seqs": 4,
+                                        "enable_chunked_prefill": True, "max_num_batched_tokens": 64,
+                                        "enable_prefix_caching": True}}, tmp_path / "decisions.jsonl")
     reference, _ = reference_traces(tiny_pair["target"], config, texts, max_tokens=30)
     assert len(rounds) == 2
-    for engine_texts in rounds:
-        assert engine_texts == [r["text"] for r in reference]
-    hits = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("HITS")]
-    assert hits and hits[0] > 0, "the second round should be served from the prefix cache"
+    for engine_round in rounds:
+        assert [o["text"] for o in engine_round["outputs"]] == [r["text"] for r in reference]
+    assert rounds[1]["prefix_cache_hits"] > 0, "the second round should be served from the prefix cache"

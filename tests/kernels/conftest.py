@@ -1,9 +1,10 @@
 """Kernel tests run compiled on a CUDA machine and in Triton's interpreter elsewhere.
 
-The interpreter must be on before any module defining @triton.jit kernels is
-imported, hence at conftest import time. It is switched on with Triton's
-in-process knob, not the TRITON_INTERPRET environment variable, so the vLLM
-engines that other tests start in subprocesses never inherit it.
+TRITON_INTERPRET must be set before any module defining @triton.jit kernels is
+imported, hence at conftest import time. The AOT compile test strips it again
+for its subprocess, and every vLLM process the other tests start drops it
+(``specguard_vllm.vllm_env.vllm_process_env``): vLLM must never run Triton's
+interpreter.
 """
 
 import os
@@ -13,9 +14,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    import triton
-
-    triton.knobs.runtime.interpret = True
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="specguard-triton-"))
 
 
