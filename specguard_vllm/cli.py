@@ -127,8 +127,12 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     prompts_ids = [_encode_prompt(tokenizer, prompt, args.chat) for prompt in args.prompt]
-    results = trace_with_vllm(args.target, config, prompts_ids, mode=args.mode,
-                              max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed)
+    try:
+        results = trace_with_vllm(args.target, config, prompts_ids, mode=args.mode,
+                                  max_tokens=args.max_tokens, dtype=args.dtype, seed=args.seed)
+    except ValueError as error:  # vLLM's and the plugin's refusals of this config or prompt
+        print(f"the vLLM engine refused the request: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     for prompt, result in zip(args.prompt, results):
         _print_trace({"prompt": prompt, **result}, args.json)
     return 0

@@ -170,3 +170,24 @@ def test_chunked_prefill_and_prefix_caching_keep_text_and_decisions(tiny_pair, t
     for engine_round in rounds:
         assert [o["text"] for o in engine_round["outputs"]] == [r["text"] for r in reference]
     assert rounds[1]["prefix_cache_hits"] > 0, "the second round should be served from the prefix cache"
+
+
+def test_multi_token_delimiters_agree_with_reference(tiny_pair, tmp_path):
+    """Delimiters found by the text scan ("\\n\\n" over two tokens, a word) in both engines."""
+    texts = prompts(6, seed=13)
+    config = write_config(tmp_path / "md.json", tiny_pair["draft"], num_candidates=1,
+                          draft_temperature=0.0, tau=0.25, step_delimiters=["\n\n", "answer"])
+    engine = trace(tiny_pair["target"], config, texts, tmp_path)
+    reference, _ = reference_traces(tiny_pair["target"], config, texts)
+    for e, r in zip(engine, reference):
+        assert e["text"] == r["text"], e["prompt"]
+        assert_same_steps(e["steps"], r["steps"])
+
+
+def test_more_grounding_layers_than_the_target_has_is_refused_at_start(tiny_pair, tmp_path):
+    config = write_config(tmp_path / "gl.json", tiny_pair["draft"], grounding_layers=9)
+    cmd = [sys.executable, "-m", "specguard_vllm.cli", "trace", "--target", str(tiny_pair["target"]),
+           "--config", str(config), "--engine", "vllm", "--json", "--prompt", "a = 1\n"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode != 0
+    assert "specguard.grounding_layers: 9 but the target has only 4 layers" in result.stderr

@@ -107,6 +107,7 @@ def patch_create_speculative_config() -> None:  # P2
                 except ConfigError as error:
                     raise ValueError(error.render()) from None
                 _check_draft_vocab(config.model, target_model_config)
+                _check_grounding_layers(config.specguard.grounding_layers, target_model_config)
                 vllm_spec, block = to_vllm_speculative_config(config)
                 self.speculative_config = vllm_spec
                 additional = dict(self.additional_config or {})
@@ -135,6 +136,16 @@ def _check_draft_vocab(draft: str, target_model_config) -> None:
         raise ValueError(
             f"SpecGuard: draft vocabulary size {draft_vocab} ({draft}) does not match the "
             f"target's {target_vocab}: the draft must share the target's tokenizer")
+
+
+def _check_grounding_layers(layers: int, target_model_config) -> None:
+    """Refuse more grounding layers than the target has, at start rather than mid-serving."""
+    hf_config = getattr(target_model_config, "hf_text_config", None) or target_model_config.hf_config
+    num_layers = getattr(hf_config, "num_hidden_layers", None)
+    if num_layers is not None and layers > int(num_layers):
+        raise ValueError(
+            f"invalid SpecGuard config:\n  specguard.grounding_layers: {layers} but the target "
+            f"has only {num_layers} layers")
 
 
 def _enable_worker_metrics() -> None:
