@@ -66,6 +66,12 @@ class SpecGuardParams(BaseModel):
     lpbv_floor: float = Field(-5.0, lt=0.0, description="min log-prob that maps to confidence 0")
     selector: SelectorName = Field("rouge_l", description="similarity for self-consistency")
     seed: int | None = Field(None, description="seed of the draft candidates' sampler")
+    fallback: Literal["target", "speculative"] = Field(
+        "target",
+        description="after a rejected step: the target regenerates it token by token (the "
+                    "paper), or keep the prefix token-level verification accepts and finish "
+                    "the step with token-level speculative decoding (lossless)",
+    )
 
     @field_validator("draft_temperature", "tau", "beta", "attention_sparsity", "lpbv_floor")
     @classmethod
@@ -175,7 +181,7 @@ def resolve_config(value: str | os.PathLike[str] | Mapping[str, Any] | SpecGuard
 
 
 # Per-request overrides (vLLM's `vllm_xargs`): only these keys, validated like the file.
-OVERRIDABLE_KEYS = ("tau", "beta")
+OVERRIDABLE_KEYS = ("tau", "beta", "fallback")
 
 
 def apply_request_overrides(params: SpecGuardParams, overrides: Mapping[str, Any]) -> SpecGuardParams:

@@ -109,6 +109,36 @@ def context_limit(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
 
 
+def token_level_verify(logits: torch.Tensor, drafted: list[int], temperature: float,
+                       generator: torch.Generator) -> list[int]:
+    """Standard (lossless) speculative verification of ``drafted`` on the target's logits.
+
+    ``logits`` is ``[n + 1, V]`` from the verification pass. Greedy: the longest prefix equal
+    to the target's argmax, then the target's own token. Sampling: accept ``d_t`` with
+    probability ``p(d_t)`` (the proposal is treated as deterministic), else sample from
+    ``p`` with ``d_t`` removed. All accepted: the bonus token from the last row.
+    """
+    out: list[int] = []
+    for t, token in enumerate(drafted):
+        row = logits[t].float()
+        if temperature == 0.0:
+            target_token = int(row.argmax())
+            out.append(target_token)
+            if target_token != token:
+                return out
+            continue
+        probs = torch.softmax(row / temperature, dim=-1)
+        if float(torch.rand((), generator=generator)) < float(probs[token]):
+            out.append(token)
+            continue
+        residual = probs.clone()
+        residual[token] = 0.0
+        out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
+        return out
+    out.append(int(_sample(logits[len(drafted):len(drafted) + 1].float(), temperature, generator)[0]))
+    return out
+
+
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     """Greedy at temperature 0, else a seeded multinomial draw; ``[R, V] -> [R]``."""
     if temperature == 0.0:
@@ -292,6 +322,7 @@ class ReferenceDecoder:
         pending_draft: list[int] = []
         pending_context_len: int | None = None
         regenerating = False
+        token_level = False  # finishing a rejected step with token-level SD (fallback: speculative)
         counters = {"target": 0, "draft": 0}
 
         target_cache = DynamicCache()
@@ -365,8 +396,24 @@ class ReferenceDecoder:
             context_len = len(committed)
             logits, decision = self._verify(target_cache, committed[-1], chosen, context_len, params)
             counters["target"] += 1
-            pending_decision, pending_draft = decision, list(chosen)
-            pending_context_len = context_len
+            if not token_level:
+                pending_decision, pending_draft = decision, list(chosen)
+                pending_context_len = context_len
+            if token_level or (not decision.accepted and params.fallback == "speculative"):
+                # Keep what token-level verification accepts, plus its recovered/bonus token.
+                kept = token_level_verify(logits, chosen, temperature, target_gen)
+                surplus = target_cache.get_seq_length() - (context_len + len(kept) - 1)
+                if surplus > 0:
+                    target_cache.crop(-surplus)
+                token_level = True
+                for token in kept:
+                    finished = commit([token])
+                    if self.segmenter.step_length([token], prefix=step_tokens[:-1]) is not None:
+                        close_step("target")
+                        token_level = False
+                    if finished:
+                        break
+                continue
             if decision.accepted:
                 finished = commit(chosen)
                 close_step("draft")

@@ -58,6 +58,7 @@ def test_defaults_are_the_papers():
         ("num_candidates: 2.5", "specguard.num_candidates"),
         ("seed: true", "specguard.seed"),
         ("selector: cosine", "specguard.selector"),
+        ("fallback: regenerate", "specguard.fallback"),
     ],
 )
 def test_bad_specguard_values_are_refused_with_their_path(block, path):
@@ -106,6 +107,7 @@ def test_request_overrides_are_validated():
     base = SpecGuardParams()
     assert apply_request_overrides(base, {"tau": 0.9, "unrelated": 1}).tau == 0.9
     assert apply_request_overrides(base, {"specguard_beta": 0.25}).beta == 0.25
+    assert apply_request_overrides(base, {"fallback": "speculative"}).fallback == "speculative"
     with pytest.raises(ConfigError, match="tau"):
         apply_request_overrides(base, {"tau": -1})
     with pytest.raises(ConfigError, match="beta"):

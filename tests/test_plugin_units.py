@@ -144,3 +144,15 @@ def test_rejection_whose_token_ends_the_step_does_not_regenerate():
     steps.after_sampling("r", [2], verified=False)
     assert not steps.get("r").regenerating
     assert steps.truncate_draft("r", [1, 1]) == [1, 1]
+
+
+def test_speculative_fallback_verifies_token_level_until_the_step_ends():
+    steps = table()
+    steps.after_sampling("r", [0], verified=None)
+    steps.after_sampling("r", [0, 1], verified="token")       # kept prefix + recovered token
+    state = steps.get("r")
+    assert state.token_level and not state.regenerating and state.open_step == [0, 0, 1]
+    assert steps.truncate_draft("r", [1, 2, 0]) == [1, 2]       # drafts continue the step
+    steps.after_sampling("r", [1, 2, 0], verified="token")    # the step ends, bonus opens the next
+    state = steps.get("r")
+    assert not state.token_level and state.open_step == [0]

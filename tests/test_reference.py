@@ -160,3 +160,32 @@ def test_trace_cli_refuses_bad_override_and_missing_target(tiny_pair, tiny_confi
     missing = subprocess.run(base + ["--target", "/nonexistent/model"],
                              capture_output=True, text=True, cwd=REPO, timeout=120)
     assert missing.returncode == 2 and "/nonexistent/model" in missing.stderr
+
+
+def test_speculative_fallback_is_lossless_and_needs_fewer_target_passes(decoder):
+    """tau > 1 rejects every step; the speculative fallback still gives the target's text."""
+    regenerate = decoder.config.specguard.model_copy(update={"tau": 1.01, "fallback": "target"})
+    speculative = decoder.config.specguard.model_copy(update={"tau": 1.01, "fallback": "speculative"})
+    fewer = 0
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        target_only = decoder.generate(ids, mode="target", max_tokens=40)
+        slow = decoder.generate(ids, max_tokens=40, params=regenerate)
+        fast = decoder.generate(ids, max_tokens=40, params=speculative)
+        assert fast.token_ids == target_only.token_ids == slow.token_ids, prompt
+        assert fast.target_forwards <= slow.target_forwards
+        fewer += fast.target_forwards < slow.target_forwards
+        assert [s.text for s in fast.steps] == [s.text for s in slow.steps]
+    assert fewer > 0
+
+
+def test_token_level_verify_greedy_keeps_the_matching_prefix():
+    from specguard_vllm.reference import token_level_verify
+
+    logits = torch.full((4, 5), -10.0)
+    for row, best in enumerate([1, 2, 3, 4]):
+        logits[row, best] = 10.0
+    gen = torch.Generator().manual_seed(0)
+    assert token_level_verify(logits, [1, 2, 3], 0.0, gen) == [1, 2, 3, 4]  # all kept + bonus
+    assert token_level_verify(logits, [1, 0, 3], 0.0, gen) == [1, 2]        # recovered at the miss
+    assert token_level_verify(logits, [0], 0.0, gen) == [1]

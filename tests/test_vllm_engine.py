@@ -191,3 +191,33 @@ def test_more_grounding_layers_than_the_target_has_is_refused_at_start(tiny_pair
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode != 0
     assert "specguard.grounding_layers: 9 but the target has only 4 layers" in result.stderr
+
+
+def test_speculative_fallback_in_engine_is_lossless_and_no_costlier_than_vllm_sd(tiny_pair, tmp_path):
+    """tau > 1, fallback speculative: vLLM's target-only text, with no more target forward
+    passes than vLLM's own draft_model SD (same draft, same num_speculative_tokens)."""
+    texts = prompts(6, seed=17)
+    config = write_config(tmp_path / "fb.json", tiny_pair["draft"], num_candidates=1,
+                          draft_temperature=0.0, tau=1.01, fallback="speculative")
+    common = {"target": str(tiny_pair["target"]), "texts": texts, "sequential": True,
+              "llm_kwargs": {"max_model_len": 256}}
+    guarded = run_engine({**common, "config": str(config)}, tmp_path / "fb.jsonl")[0]
+    stock_sd = run_engine({**common, "config": None, "raw_speculative_config": {
+        "method": "draft_model", "model": str(tiny_pair["draft"]), "num_speculative_tokens": 8}},
+        tmp_path / "sd.jsonl")[0]
+    target_only = trace(tiny_pair["target"], config, texts, tmp_path, "--mode", "target")
+    assert [o["text"] for o in guarded["outputs"]] == [t["text"] for t in target_only]
+    assert [o["text"] for o in stock_sd["outputs"]] == [t["text"] for t in target_only]
+    assert guarded["iterations"] <= stock_sd["iterations"], (guarded["iterations"], stock_sd["iterations"])
+
+
+def test_speculative_fallback_steps_agree_with_reference(tiny_pair, tmp_path):
+    texts = prompts(10, seed=19)
+    tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
+    config = write_config(tmp_path / "fbr.json", tiny_pair["draft"], num_candidates=1,
+                          draft_temperature=0.0, tau=tau, fallback="speculative")
+    engine = trace(tiny_pair["target"], config, texts, tmp_path)
+    reference, _ = reference_traces(tiny_pair["target"], config, texts)
+    for e, r in zip(engine, reference):
+        assert e["text"] == r["text"], e["prompt"]
+        assert_same_steps(e["steps"], r["steps"])

@@ -129,8 +129,7 @@ def after_sampling(runner, output_token_ids: torch.Tensor) -> None:
         tokens = [t for t in rows[i] if 0 <= t < vocab]
         verified = None
         if verdicts is not None and i < len(verdicts.decisions) and verdicts.req_ids[i] == req_id:
-            decision = verdicts.decisions[i]
-            verified = None if decision is None else decision.accepted
+            verified = verdicts.verdict(i)
         state.steps.after_sampling(req_id, tokens, verified)
     state.metrics.set_tracked(len(state.steps))
 

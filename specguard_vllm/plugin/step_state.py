@@ -16,7 +16,8 @@ from specguard_vllm.core.steps import StepSegmenter
 
 @dataclass
 class RequestSteps:
-    regenerating: bool = False
+    regenerating: bool = False  # fallback "target": the target writes the rest of the step
+    token_level: bool = False  # fallback "speculative": token-level SD until the step ends
     open_step: list[int] = field(default_factory=list)  # committed tokens of the unfinished step
 
 
@@ -42,15 +43,24 @@ class StepStateTable:
         if self.segmenter.step_length([token], prefix=state.open_step) is not None:
             state.open_step = []
             state.regenerating = False
+            state.token_level = False
         else:
             state.open_step.append(token)
 
-    def after_sampling(self, req_id: str, tokens: list[int], verified: bool | None) -> None:
-        """Update after one engine step; ``verified`` is None when no step was drafted."""
+    def after_sampling(self, req_id: str, tokens: list[int], verified: bool | str | None) -> None:
+        """Update after one engine step.
+
+        ``verified``: True (step accepted), False (step rejected, the target finishes it),
+        ``"token"`` (verified token-level: the speculative fallback), None (no step drafted).
+        """
         if not tokens:
             return  # a partial prefill chunk: nothing committed
         state = self.get(req_id)
-        if verified is None:
+        if verified == "token":
+            state.token_level = True
+            for token in tokens:
+                self._push_target_token(state, token)
+        elif verified is None:
             for token in tokens:
                 self._push_target_token(state, token)
         elif verified:

@@ -39,6 +39,13 @@ class StepVerdicts:
     req_ids: list[str]
     decisions: list[StepDecision | None]
     draft_lengths: list[int]
+    token_level: list[bool]  # rows verified token by token (fallback: speculative)
+
+    def verdict(self, i: int):
+        if self.token_level[i]:
+            return "token"
+        decision = self.decisions[i]
+        return None if decision is None else decision.accepted
 
 
 class SpecGuardRejectionSampler(RejectionSampler):
@@ -56,7 +63,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
     def _request_params(self, num_rows: int):
         """tau and beta per row, with validated ``vllm_xargs`` overrides."""
         base = self.specguard.specguard
-        taus, betas = [], []
+        taus, betas, speculative = [], [], []
         req_ids = self.runner.input_batch.req_ids[:num_rows]
         for req_id in req_ids:
             params = base
@@ -69,7 +76,14 @@ class SpecGuardRejectionSampler(RejectionSampler):
                     params = base  # refused at the API server already; never reached there
             taus.append(params.tau)
             betas.append(params.beta)
-        return list(req_ids), taus, betas
+            speculative.append(params.fallback == "speculative")
+        return list(req_ids), taus, betas, speculative
+
+    def _in_token_level_mode(self, req_ids: list[str]) -> list[bool]:
+        state = getattr(self.runner, "_specguard", None)
+        if state is None:
+            return [False] * len(req_ids)
+        return [state.steps.get(req_id).token_level for req_id in req_ids]
 
     def _grounding(self, metadata, device) -> torch.Tensor | None:
         capture = grounding_capture.ACTIVE
@@ -113,12 +127,16 @@ class SpecGuardRejectionSampler(RejectionSampler):
                                     rows=metadata.target_logits_indices)
         l_min = torch.where(has_step, l_min, torch.zeros_like(l_min))
 
-        req_ids, taus, betas = self._request_params(num_rows)
+        req_ids, taus, betas, speculative = self._request_params(num_rows)
         score, accepted = decide_steps(
             l_min, g_min, tau=torch.tensor(taus, device=device), beta=torch.tensor(betas, device=device),
             lpbv_floor=self.specguard.specguard.lpbv_floor)
-        accepted = accepted & has_step
-        rejected = has_step & ~accepted
+        # Rows finishing a rejected step token-level are not judged as steps again.
+        finishing = torch.tensor(self._in_token_level_mode(req_ids), dtype=torch.bool, device=device)
+        accepted = accepted & has_step & ~finishing
+        rejected = has_step & ~accepted & ~finishing
+        token_level = has_step & (finishing | (rejected & torch.tensor(speculative, device=device)))
+        rejected = rejected & ~token_level
 
         # Tokens: the bonus row for accepted / draft-less rows, the step's first
         # position for rejected rows (the target's own token there).
@@ -136,13 +154,22 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
         width = metadata.max_spec_len + 1
         out = torch.full((num_rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
+        token_level_list = token_level.tolist()
+        token_rows = None
+        if any(token_level_list):
+            # vLLM's own token-level rejection sampling (lossless for the greedy target).
+            stock = super().forward(metadata, draft_probs, logits,
+                                    replace(sampling_metadata, max_num_logprobs=None))
+            token_rows = stock.sampled_token_ids.to(torch.int32)
         draft_lists = metadata.draft_token_ids.tolist()
         accepted_list, n_list = accepted.tolist(), metadata.num_draft_tokens
         next_list = next_tokens.tolist()
         offset = 0
         for i in range(num_rows):
             n = n_list[i]
-            if accepted_list[i]:
+            if token_level_list[i]:
+                out[i, : token_rows.shape[1]] = token_rows[i]
+            elif accepted_list[i]:
                 out[i, :n] = torch.tensor(draft_lists[offset: offset + n], dtype=torch.int32)
                 out[i, n] = next_list[i]
             else:
@@ -163,10 +190,12 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
         decisions: list[StepDecision | None] = []
         l_list, g_list, s_list = l_min.tolist(), g_min.tolist(), score.tolist()
+        finishing_list = finishing.tolist()
         for i in range(num_rows):
-            decisions.append(None if n_list[i] == 0 else
-                             StepDecision(l_list[i], g_list[i], s_list[i], bool(accepted_list[i])))
-        self.last_verdicts = StepVerdicts(req_ids, decisions, list(n_list))
+            judged = n_list[i] > 0 and not finishing_list[i]
+            decisions.append(StepDecision(l_list[i], g_list[i], s_list[i], bool(accepted_list[i]))
+                             if judged else None)
+        self.last_verdicts = StepVerdicts(req_ids, decisions, list(n_list), token_level_list)
         if self.decision_log:
             self._log_decisions(req_ids, decisions, draft_lists, n_list)
         if self.metrics is not None:
