@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from specguard_vllm.core.confidence import token_logprobs as core_token_logprobs
+
 
 def step_min_logprob_ref(
     logits: torch.Tensor,
@@ -29,8 +31,7 @@ def step_min_logprob_ref(
     """
     num_tokens = token_ids.numel()
     picked = logits[:num_tokens] if rows is None else logits[rows.long()]
-    picked = picked.float()
-    lp = picked.gather(1, token_ids.long().view(-1, 1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
+    lp = core_token_logprobs(picked, token_ids)
     if token_logprobs is None:
         token_logprobs = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
     token_logprobs[:num_tokens] = lp

@@ -19,10 +19,14 @@ from specguard_vllm.trace_records import step_records
 from specguard_vllm.vllm_env import vllm_process_env
 
 
-def make_llm(target: str, config: SpecGuardConfig | None, *, dtype: str = "float32",
+def make_llm(target: str, config: SpecGuardConfig | dict | None, *, dtype: str = "float32",
              max_model_len: int | None = None, seed: int = 0, scratch_dir: str | None = None,
              **kwargs):
-    """An offline vLLM engine on CPU or GPU, with SpecGuard when ``config`` is given."""
+    """An offline vLLM engine on CPU or GPU, with SpecGuard when ``config`` is given.
+
+    A plain dict is passed to vLLM unchanged (e.g. its own ``draft_model`` method, the
+    baseline the tests and benchmarks compare against).
+    """
     scratch = scratch_dir or os.path.join(tempfile.gettempdir(), "specguard-vllm")
     for key, value in vllm_process_env(scratch).items():
         os.environ.setdefault(key, value)
@@ -32,7 +36,8 @@ def make_llm(target: str, config: SpecGuardConfig | None, *, dtype: str = "float
     install_version_shim()
     from vllm import LLM
 
-    spec = None if config is None else config.model_dump(mode="json", exclude_none=True)
+    spec = config.model_dump(mode="json", exclude_none=True) \
+        if isinstance(config, SpecGuardConfig) else config
     return LLM(model=target, dtype=dtype, max_model_len=max_model_len, seed=seed,
                speculative_config=spec, enforce_eager=kwargs.pop("enforce_eager", True),
                disable_log_stats=False, **kwargs)

@@ -25,25 +25,8 @@ def main() -> int:
     from specguard_vllm.engine_trace import make_llm
 
     tokenizer = AutoTokenizer.from_pretrained(spec["target"])
-    kwargs = dict(spec.get("llm_kwargs", {}))
-    config = load_config(spec["config"]) if spec.get("config") else None
-    if spec.get("raw_speculative_config"):
-        kwargs["speculative_config"] = spec["raw_speculative_config"]
-        from specguard_vllm.vllm_env import vllm_process_env
-
-        for key, value in vllm_process_env("/tmp/specguard-vllm").items():
-            import os
-
-            os.environ.setdefault(key, value)
-        from specguard_vllm.vllm_cli import install_version_shim
-
-        install_version_shim()
-        from vllm import LLM
-
-        llm = LLM(model=spec["target"], dtype="float32", enforce_eager=True, seed=0,
-                  disable_log_stats=False, **kwargs)
-    else:
-        llm = make_llm(spec["target"], config, **kwargs)
+    config = load_config(spec["config"]) if spec.get("config") else spec.get("raw_speculative_config")
+    llm = make_llm(spec["target"], config, **spec.get("llm_kwargs", {}))
     prompts = [{"prompt_token_ids": tokenizer(t)["input_ids"]} for t in spec["texts"]]
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 40))
 
