@@ -54,8 +54,14 @@ def _resolve_params(base: SpecGuardParams, overrides: dict[str, Any]) -> SpecGua
 
 
 def format_step_table(steps: list[dict]) -> str:
-    """A plain-text table of a trace's steps (engine-neutral: reads the JSON form)."""
-    header = f"{'#':>3}  {'source':<6}  {'lpbv':>8}  {'abgv':>6}  {'score':>6}  {'accepted':<8}  text"
+    """A plain-text table of a trace's steps (engine-neutral: reads the JSON form).
+
+    ``step/prefix/sd/target`` counts the step's tokens by origin: an accepted step's drafts,
+    a rejected step's prefix kept by token-level verification, drafts accepted by token-level
+    SD (finishing a step, or an accepted step's tail), and the target's own tokens.
+    """
+    header = (f"{'#':>3}  {'source':<6}  {'lpbv':>8}  {'abgv':>6}  {'score':>6}  {'accepted':<8}  "
+              f"{'step/prefix/sd/target':<21}  text")
     lines = [header, "-" * len(header)]
 
     def num(value, width, digits):
@@ -63,9 +69,11 @@ def format_step_table(steps: list[dict]) -> str:
 
     for i, step in enumerate(steps):
         accepted = "-" if step["accepted"] is None else ("yes" if step["accepted"] else "no")
+        tokens = step.get("tokens") or {}
+        origins = "/".join(str(tokens.get(k, 0)) for k in ("step", "prefix", "sd", "target"))
         lines.append(
             f"{i:>3}  {step['source']:<6}  {num(step['lpbv'], 8, 3)}  {num(step['abgv'], 6, 3)}  "
-            f"{num(step['score'], 6, 3)}  {accepted:<8}  {step['text']!r}"
+            f"{num(step['score'], 6, 3)}  {accepted:<8}  {origins:<21}  {step['text']!r}"
         )
     return "\n".join(lines)
 
@@ -174,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     trace.set_defaults(func=_cmd_trace)
 
+    from specguard_vllm.evaluation.bench import add_bench_command
+    from specguard_vllm.evaluation.calibrate_run import add_calibrate_command
+
+    add_bench_command(sub)
+    add_calibrate_command(sub)
     if importlib.util.find_spec("specguard_vllm.training.commands") is not None:
         from specguard_vllm.training import commands as training_commands
 

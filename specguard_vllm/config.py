@@ -67,10 +67,12 @@ class SpecGuardParams(BaseModel):
     selector: SelectorName = Field("rouge_l", description="similarity for self-consistency")
     seed: int | None = Field(None, description="seed of the draft candidates' sampler")
     fallback: Literal["target", "speculative"] = Field(
-        "target",
+        "speculative",
         description="after a rejected step: the target regenerates it token by token (the "
                     "paper), or keep the prefix token-level verification accepts and finish "
-                    "the step with token-level speculative decoding (lossless)",
+                    "the step with token-level speculative decoding (lossless; drafts also run "
+                    "past an accepted step's end, the tail verified token-level). Default "
+                    "speculative: docs/RESULTS.md measures both",
     )
 
     @field_validator("draft_temperature", "tau", "beta", "attention_sparsity", "lpbv_floor")

@@ -47,6 +47,7 @@ class StepRecord:
     decision: StepDecision | None = None
     drafted_ids: list[int] = field(default_factory=list)  # the step the target verified
     verified_context_len: int | None = None  # prompt + committed tokens it was verified after
+    origins: list[str] = field(default_factory=list)  # per token: one of ORIGINS
 
     def to_json(self) -> dict:
         d = self.decision
@@ -57,7 +58,18 @@ class StepRecord:
             "abgv": None if d is None else d.abgv,
             "score": None if d is None else d.score,
             "accepted": None if d is None else d.accepted,
+            "tokens": origin_counts(self.origins),
         }
+
+
+# Where a committed token came from: an accepted step ("step"), the prefix of a rejected
+# step kept by token-level verification ("prefix"), a draft accepted by token-level SD
+# while finishing a step or in an accepted step's tail ("sd"), or the target itself.
+ORIGINS = ("step", "prefix", "sd", "target")
+
+
+def origin_counts(origins: Sequence[str]) -> dict[str, int]:
+    return {name: sum(1 for o in origins if o == name) for name in ORIGINS}
 
 
 @dataclass
@@ -202,21 +214,34 @@ class ReferenceDecoder:
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=attentions)
         return out
 
-    def _verify(self, cache, last_token: int, step: list[int], context_len: int, params: SpecGuardParams):
-        """One target forward over ``[last committed, d_1..d_n]``: logits + decision."""
-        out = self._forward(self.target, [last_token] + step, cache, attentions=True)
+    def _verify(self, cache, last_token: int, row: list[int], context_len: int,
+                params: SpecGuardParams, step_len: int | None = None):
+        """One target forward over ``[last committed, d_1..d_n]``: logits + decision.
+
+        The decision judges the first ``step_len`` drafted tokens (default: all of them);
+        the rest of the row is a tail that only token-level verification looks at.
+        """
+        out = self._forward(self.target, [last_token] + row, cache, attentions=True)
         logits = out.logits[0].float()  # [n + 1, V]
-        decision = self._decision(logits, out.attentions, step, context_len, params)
+        step_len = len(row) if step_len is None else step_len
+        decision = None
+        if step_len > 0:
+            decision = self._decision(logits, out.attentions, row[:step_len], context_len, params,
+                                      tail=len(row) - step_len)
         return logits, decision
 
-    def _decision(self, logits, attentions, step, context_len, params: SpecGuardParams) -> StepDecision:
+    def _decision(self, logits, attentions, step, context_len, params: SpecGuardParams,
+                  tail: int = 0) -> StepDecision:
         n = len(step)
         lp = token_logprobs(logits[:n], torch.tensor(step))
         l_min = lp.min()
         m = params.grounding_layers
         prefix_masses, blocks = [], []
         for layer_attn in attentions[-m:]:
-            probs = layer_attn[0, :, -n:, :].float()  # step rows d_1..d_n, all keys
+            rows = layer_attn[0, :, -(n + tail):, :]
+            # Step rows d_1..d_n over the context and the step's keys (causal: a step row
+            # puts no mass on the tail after it).
+            probs = rows[:, :n, : context_len + n].float()
             pm, blk = step_attention_stats(probs, context_len, params.attention_sparsity)
             prefix_masses.append(pm)
             blocks.append(blk)
@@ -244,11 +269,15 @@ class ReferenceDecoder:
         return self._decision(logits, out.attentions, step, len(context), params)
 
     def _draft_candidates(self, draft_cache, pending: list[int], step_prefix: list[int], k: int,
-                          temperature: float, max_len: int, generator: torch.Generator):
+                          temperature: float, max_len: int, generator: torch.Generator,
+                          full_rows: bool = False):
         """k candidate steps from one batched draft pass per token.
 
         ``pending`` are committed tokens the draft cache has not seen yet (at least
-        the last one). Returns (candidates, log-likelihoods, draft forwards used).
+        the last one). With ``full_rows`` every candidate runs on past its step's end
+        to ``max_len`` tokens (or an EOS), as the engine drafts for ``fallback:
+        speculative``. Returns (candidates, step lengths, step log-likelihoods, draft
+        forwards used).
         """
         out = self._forward(self.draft, pending, draft_cache)
         forwards = 1
@@ -257,6 +286,7 @@ class ReferenceDecoder:
         if k > 1:
             cache.batch_repeat_interleave(k)
         candidates: list[list[int]] = [[] for _ in range(k)]
+        step_lens: list[int | None] = [None] * k
         loglik = [0.0] * k
         done = [False] * k
         for position in range(max_len):
@@ -267,16 +297,19 @@ class ReferenceDecoder:
                     continue
                 token = int(tokens[c])
                 candidates[c].append(token)
-                loglik[c] += float(logprobs[c, token])
-                if token in self.eos_token_ids or self.segmenter.step_length(
-                    candidates[c], prefix=step_prefix) is not None:
+                if step_lens[c] is None:
+                    loglik[c] += float(logprobs[c, token])
+                    if self.segmenter.step_length(candidates[c], prefix=step_prefix) is not None:
+                        step_lens[c] = len(candidates[c])
+                if token in self.eos_token_ids or (step_lens[c] is not None and not full_rows):
                     done[c] = True
             if all(done) or position == max_len - 1:
                 break
             out = self._forward(self.draft, tokens.view(k, 1), cache)
             forwards += 1
             logits = out.logits[:, -1].float()
-        return candidates, loglik, forwards
+        lengths = [len(cand) if n is None else n for cand, n in zip(candidates, step_lens)]
+        return candidates, lengths, loglik, forwards
 
     # ------------------------------------------------------------------ the loop
 
@@ -318,11 +351,13 @@ class ReferenceDecoder:
         generated: list[int] = []
         steps: list[StepRecord] = []
         step_tokens: list[int] = []  # committed tokens of the open step
+        step_origins: list[str] = []  # their origins (ORIGINS)
         pending_decision: StepDecision | None = None
         pending_draft: list[int] = []
         pending_context_len: int | None = None
         regenerating = False
         token_level = False  # finishing a rejected step with token-level SD (fallback: speculative)
+        full_rows = params.fallback == "speculative"  # draft past the step, verify the tail
         counters = {"target": 0, "draft": 0}
 
         target_cache = DynamicCache()
@@ -332,21 +367,36 @@ class ReferenceDecoder:
             self._forward(self.target, prompt[:-1], target_cache)
 
         def close_step(source: str) -> None:
-            nonlocal step_tokens, pending_decision, pending_draft, pending_context_len
+            nonlocal step_tokens, step_origins, pending_decision, pending_draft, pending_context_len
             if step_tokens:
                 steps.append(StepRecord(list(step_tokens), self.decode(step_tokens), source,
-                                        pending_decision, list(pending_draft), pending_context_len))
-            step_tokens, pending_decision, pending_draft = [], None, []
+                                        pending_decision, list(pending_draft), pending_context_len,
+                                        list(step_origins)))
+            step_tokens, step_origins, pending_decision, pending_draft = [], [], None, []
             pending_context_len = None
 
-        def commit(tokens: list[int]) -> bool:
+        def commit(tokens: list[int], origin: str = "target") -> bool:
             """Append tokens (up to max_tokens / EOS / context); True when generation ends."""
             for token in tokens:
                 committed.append(token)
                 generated.append(token)
                 step_tokens.append(token)
+                step_origins.append(origin)
                 if token in self.eos_token_ids or len(generated) >= max_tokens \
                         or len(committed) >= self.max_context:
+                    return True
+            return False
+
+        def commit_verified(kept: list[int], draft_origin: str) -> bool:
+            """Commit what token-level verification kept (drafts, then the target's token),
+            closing a step at every delimiter; True when generation ends."""
+            nonlocal token_level
+            for j, token in enumerate(kept):
+                finished = commit([token], draft_origin if j < len(kept) - 1 else "target")
+                if self.segmenter.step_length([token], prefix=step_tokens[:-1]) is not None:
+                    close_step("target")
+                    token_level = False
+                if finished:
                     return True
             return False
 
@@ -361,11 +411,16 @@ class ReferenceDecoder:
                 out = self._forward(self.target, [committed[-1]], target_cache)
                 counters["target"] += 1
             token = int(_sample(out.logits[0, -1:].float(), temperature, target_gen)[0])
-            finished = commit([token])
+            finished = commit([token], "target")
             if self.segmenter.step_length(step_tokens[-1:], prefix=step_tokens[:-1]) is not None:
                 close_step(source)
                 return finished or False
             return finished
+
+        def crop_target(keep: int) -> None:
+            surplus = target_cache.get_seq_length() - keep
+            if surplus > 0:
+                target_cache.crop(-surplus)
 
         # As in vLLM, the prefill pass of the target emits the first token itself;
         # drafting starts after it. (In draft mode the draft does the prefill.)
@@ -385,49 +440,49 @@ class ReferenceDecoder:
             if max_len < 1:
                 finished = target_step("target")
                 continue
-            candidates, loglik, draft_forwards = self._draft_candidates(
+            candidates, step_lens, loglik, draft_forwards = self._draft_candidates(
                 draft_cache, committed[draft_seen:], step_tokens, params.num_candidates,
-                params.draft_temperature, max_len, draft_gen,
+                params.draft_temperature, max_len, draft_gen, full_rows=full_rows,
             )
             draft_seen = len(committed)
             counters["draft"] += draft_forwards
-            chosen = candidates[select_candidate(candidates, loglik, params.selector)]
+            best = select_candidate([c[:n] for c, n in zip(candidates, step_lens)], loglik,
+                                    params.selector)
+            row, step_len = candidates[best], step_lens[best]
 
             context_len = len(committed)
-            logits, decision = self._verify(target_cache, committed[-1], chosen, context_len, params)
+            logits, decision = self._verify(target_cache, committed[-1], row, context_len, params,
+                                            step_len=0 if token_level else step_len)
             counters["target"] += 1
-            if not token_level:
-                pending_decision, pending_draft = decision, list(chosen)
-                pending_context_len = context_len
-            if token_level or (not decision.accepted and params.fallback == "speculative"):
-                # Keep what token-level verification accepts, plus its recovered/bonus token.
-                kept = token_level_verify(logits, chosen, temperature, target_gen)
-                surplus = target_cache.get_seq_length() - (context_len + len(kept) - 1)
-                if surplus > 0:
-                    target_cache.crop(-surplus)
+            if token_level:
+                # Finishing a rejected step: the whole row is verified token-level.
+                kept = token_level_verify(logits, row, temperature, target_gen)
+                crop_target(context_len + len(kept) - 1)
+                finished = commit_verified(kept, "sd")
+                continue
+            pending_decision, pending_draft = decision, list(row[:step_len])
+            pending_context_len = context_len
+            if not decision.accepted and params.fallback == "speculative":
+                # Keep what token-level verification accepts, plus its recovered/bonus token;
+                # finish the step token-level.
+                kept = token_level_verify(logits, row, temperature, target_gen)
+                crop_target(context_len + len(kept) - 1)
                 token_level = True
-                for token in kept:
-                    finished = commit([token])
-                    if self.segmenter.step_length([token], prefix=step_tokens[:-1]) is not None:
-                        close_step("target")
-                        token_level = False
-                    if finished:
-                        break
+                finished = commit_verified(kept, "prefix")
                 continue
             if decision.accepted:
-                finished = commit(chosen)
+                finished = commit(row[:step_len], "step")
                 close_step("draft")
-                if not finished:
-                    bonus = int(_sample(logits[-1:], temperature, target_gen)[0])
-                    finished = commit([bonus])
-                    if self.segmenter.step_length(step_tokens) is not None:
-                        close_step("target")
+                if finished:
+                    break
+                # The tail (empty without full rows) is verified token-level after the step.
+                kept = token_level_verify(logits[step_len:], row[step_len:], temperature, target_gen)
+                crop_target(context_len + step_len + len(kept) - 1)
+                finished = commit_verified(kept, "sd")
             else:
-                surplus = target_cache.get_seq_length() - context_len
-                if surplus > 0:
-                    target_cache.crop(-surplus)  # drop the rejected step's keys
+                crop_target(context_len)  # drop the rejected step's keys
                 first = int(_sample(logits[:1], temperature, target_gen)[0])
-                finished = commit([first])
+                finished = commit([first], "target")
                 if self.segmenter.step_length(step_tokens[-1:], prefix=step_tokens[:-1]) is not None:
                     close_step("target")
                 else:

@@ -21,19 +21,26 @@ def step_records(
     decode: Callable[[Sequence[int]], str],
     default_source: str = "target",
 ) -> list[dict]:
-    """JSON step records ``{"text","source","lpbv","abgv","score","accepted"}``.
+    """JSON step records ``{"text","source","lpbv","abgv","score","accepted","tokens"}``.
 
-    ``decisions`` are the engine's log entries for this request: ``context_len``
-    (prompt + committed tokens before the step), ``drafted``, ``lpbv``, ``abgv``,
-    ``score``, ``accepted``.
+    ``decisions`` are the engine's log entries for this request: ``kind`` ("step": a
+    judged step; "token": a row verified token-level while finishing a rejected step),
+    ``context_len`` (prompt + committed tokens before the row), ``drafted``,
+    ``step_len`` (drafted tokens that form the step; the rest is a tail), ``committed``
+    (tokens the row committed: kept drafts, then the target's own), and for steps
+    ``lpbv``, ``abgv``, ``score``, ``accepted``. ``tokens`` counts each record's tokens
+    by origin, as the reference decoder does.
     """
+    from specguard_vllm.reference import origin_counts
+
     by_context = {int(d["context_len"]): d for d in decisions}
     records: list[dict] = []
     open_tokens: list[int] = []
+    open_origins: list[str] = []
     pending: dict | None = None
 
     def close(source: str, decision: dict | None) -> None:
-        nonlocal open_tokens
+        nonlocal open_tokens, open_origins
         if open_tokens:
             records.append({
                 "text": decode(open_tokens), "source": source,
@@ -41,27 +48,46 @@ def step_records(
                 "abgv": None if decision is None else decision["abgv"],
                 "score": None if decision is None else decision["score"],
                 "accepted": None if decision is None else decision["accepted"],
+                "tokens": origin_counts(open_origins),
             })
-        open_tokens = []
+        open_tokens, open_origins = [], []
 
-    j = 0
-    tokens = list(generated)
-    while j < len(tokens):
-        decision = by_context.get(prompt_len + j)
-        if decision is not None and decision["accepted"]:
-            n = min(len(decision["drafted"]), len(tokens) - j)
-            open_tokens.extend(tokens[j: j + n])
-            close("draft", decision)
-            j += n
-            continue
-        if decision is not None:
-            pending = decision
-        token = tokens[j]
+    def push(token: int, origin: str) -> None:
+        nonlocal pending
         open_tokens.append(token)
-        j += 1
+        open_origins.append(origin)
         if segmenter.step_length([token], prefix=open_tokens[:-1]) is not None:
             close(default_source, pending)
             pending = None
+
+    tokens = list(generated)
+    j = 0
+    while j < len(tokens):
+        entry = by_context.get(prompt_len + j)
+        if entry is None:
+            push(tokens[j], "target")
+            j += 1
+            continue
+        kind = entry.get("kind", "step")
+        committed = entry.get("committed")
+        drafted_origin = "sd" if kind == "token" else "prefix"
+        if kind == "step" and entry["accepted"]:
+            n = min(int(entry.get("step_len") or len(entry["drafted"])), len(tokens) - j)
+            open_tokens.extend(tokens[j: j + n])
+            open_origins.extend(["step"] * n)
+            close("draft", entry)
+            j += n
+            rest = 1 if committed is None else int(committed) - n  # tail drafts + last token
+            drafted_origin = "sd"
+        else:
+            if kind == "step":
+                pending = entry
+            rest = 1 if committed is None else int(committed)
+        for r in range(rest):
+            if j >= len(tokens):
+                break
+            push(tokens[j], drafted_origin if r < rest - 1 else "target")
+            j += 1
     close(default_source, pending)
     return records
 

@@ -147,8 +147,10 @@ def test_trace_cli_json_has_engine_neutral_format(tiny_pair, tiny_config_path, m
         assert set(line) == {"prompt", "text", "steps"}
         assert "".join(step["text"] for step in line["steps"]) == line["text"]
         for step in line["steps"]:
-            assert set(step) == {"text", "source", "lpbv", "abgv", "score", "accepted"}
+            assert set(step) == {"text", "source", "lpbv", "abgv", "score", "accepted", "tokens"}
             assert step["source"] in ("draft", "target")
+            assert set(step["tokens"]) == {"step", "prefix", "sd", "target"}
+            assert sum(step["tokens"].values()) >= 1
 
 
 def test_trace_cli_refuses_bad_override_and_missing_target(tiny_pair, tiny_config_path):
@@ -189,3 +191,38 @@ def test_token_level_verify_greedy_keeps_the_matching_prefix():
     assert token_level_verify(logits, [1, 2, 3], 0.0, gen) == [1, 2, 3, 4]  # all kept + bonus
     assert token_level_verify(logits, [1, 0, 3], 0.0, gen) == [1, 2]        # recovered at the miss
     assert token_level_verify(logits, [0], 0.0, gen) == [1]
+
+
+def test_speculative_fallback_with_sampled_candidates_is_still_lossless(decoder):
+    """k = 3 candidates at temperature 1.0, drafted past step ends: the target's greedy text."""
+    params = decoder.config.specguard.model_copy(update={
+        "tau": 1.01, "fallback": "speculative", "num_candidates": 3, "draft_temperature": 1.0})
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        target_only = decoder.generate(ids, mode="target", max_tokens=40)
+        assert decoder.generate(ids, max_tokens=40, params=params).token_ids == target_only.token_ids
+
+
+def test_token_origins_account_for_every_committed_token(decoder):
+    """Accepted steps' tails are verified token-level: their drafts count as "sd" tokens."""
+    seen = {"step": 0, "prefix": 0, "sd": 0, "target": 0}
+    for tau, fallback in ((0.0, "speculative"), (1.01, "speculative"), (0.6, "speculative"),
+                          (0.6, "target")):
+        params = decoder.config.specguard.model_copy(update={"tau": tau, "fallback": fallback})
+        for prompt in PROMPTS:
+            result = decoder.generate(encode(decoder, prompt), max_tokens=40, params=params)
+            counts = [s.to_json()["tokens"] for s in result.steps]
+            assert sum(sum(c.values()) for c in counts) == len(result.token_ids)
+            for step, c in zip(result.steps, counts):
+                assert len(step.origins) == len(step.token_ids)
+                # An accepted step's drafts (after the tokens that opened its record);
+                # only rejected steps keep a prefix.
+                if step.source == "draft":
+                    assert 1 <= c["step"] <= len(step.drafted_ids)
+                    assert step.origins[-c["step"]:] == ["step"] * c["step"]
+                if fallback == "target" or tau == 0.0:
+                    assert c["prefix"] == 0
+                if fallback == "target":
+                    assert c["sd"] == 0
+                seen = {k: seen[k] + c[k] for k in seen}
+    assert all(seen.values()), seen

@@ -49,8 +49,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         self.specguard = specguard_from_additional_config(vllm_config.additional_config)
         # Set by the runner patch before each propose: per row, (open-step tokens,
-        # whether the row needs no draft at all) and the step-end function.
-        self.row_hints: list[tuple[list[int], bool]] | None = None
+        # whether the row needs no draft at all, whether it drafts past the step's end)
+        # and the step-end function.
+        self.row_hints: list[tuple[list[int], bool, bool]] | None = None
         self.step_length_fn = None
         self.metrics = None
         self.last_candidates: list[list[list[int]]] | None = None
@@ -224,7 +225,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         length = 1
 
         hints = self.row_hints if self.row_hints is not None and len(self.row_hints) == num_reqs \
-            else [([], False)] * num_reqs
+            else [([], False, False)] * num_reqs
         done = self._rows_done(tokens_out, 1, hints, k)
         if K > 1 and not all(done):
             positions = self.positions[sample_idx][:num_reqs].clone()  # position of token 0
@@ -272,7 +273,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
 
         chosen = self._select(tokens_out[:, :length], logprobs_out[:, :length], hints, k)
         if self.metrics is not None:
-            self.metrics.observe_draft(time.perf_counter() - started)
+            # The first pass plus one batched pass per further position drafted.
+            self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length)
         return chosen
 
     def _candidate_length(self, candidate: list[int], open_step: list[int]) -> int:
@@ -280,14 +282,18 @@ class SpecGuardDraftProposer(DraftModelProposer):
         return len(candidate) if end is None else end
 
     def _rows_done(self, tokens: torch.Tensor, length: int, hints, k: int) -> list[bool]:
-        """Per request: every candidate has ended its step (or no draft is needed)."""
+        """Per request: every candidate has ended its step (or no draft is needed).
+
+        A request that drafts full rows (``fallback: speculative``: the tail past the step
+        is verified token-level) is done only at K tokens.
+        """
         if self.step_length_fn is None:
             return [False] * (tokens.shape[0] // k)
         as_list = tokens.tolist()
         done = []
-        for i, (open_step, skip) in enumerate(hints):
-            done.append(skip or all(
-                self.step_length_fn(as_list[i * k + c], open_step) is not None for c in range(k)))
+        for i, (open_step, skip, full_row) in enumerate(hints):
+            done.append(skip or (not full_row and all(
+                self.step_length_fn(as_list[i * k + c], open_step) is not None for c in range(k))))
         return done
 
     def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, hints, k: int) -> torch.Tensor:
@@ -299,7 +305,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         candidates_all = []
         measure = self.specguard.specguard.selector
         for i in range(num_reqs):
-            open_step = hints[i][0]
+            open_step = hints[i][0]  # candidates are compared on their step part only
             cands, loglik = [], []
             for c in range(k):
                 cand = as_list[i * k + c]

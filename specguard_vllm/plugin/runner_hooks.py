@@ -15,6 +15,7 @@ from specguard_vllm.config import SpecGuardConfig
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin import grounding_capture
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
+from specguard_vllm.plugin.request_params import request_params
 from specguard_vllm.plugin.step_state import StepStateTable
 
 logger = logging.getLogger("vllm.specguard")
@@ -127,10 +128,10 @@ def after_sampling(runner, output_token_ids: torch.Tensor) -> None:
         if bool(discarded[i]):
             continue
         tokens = [t for t in rows[i] if 0 <= t < vocab]
-        verified = None
+        verified, step_len = None, None
         if verdicts is not None and i < len(verdicts.decisions) and verdicts.req_ids[i] == req_id:
-            verified = verdicts.verdict(i)
-        state.steps.after_sampling(req_id, tokens, verified)
+            verified, step_len = verdicts.verdict(i), verdicts.step_lens[i]
+        state.steps.after_sampling(req_id, tokens, verified, step_len)
     state.metrics.set_tracked(len(state.steps))
 
 
@@ -140,21 +141,31 @@ def before_propose(runner) -> None:
         return
     num_reqs = runner.input_batch.num_reqs
     hints = []
+    base = state.config.specguard
     for req_id in runner.input_batch.req_ids[:num_reqs]:
         request_state = state.steps.get(req_id)
-        hints.append((list(request_state.open_step), request_state.regenerating))
+        full_row = request_params(runner, req_id, base).fallback == "speculative"
+        hints.append((list(request_state.open_step), request_state.regenerating, full_row))
     runner.drafter.row_hints = hints
 
 
 def truncate_drafts(runner, drafts):
-    """Cut each proposed row after its step delimiter; no drafts while regenerating."""
+    """Cut each proposed row after its step delimiter; no drafts while regenerating.
+
+    Requests with ``fallback: speculative`` keep the draft past the step's end: the
+    verifier judges the step and verifies the tail token-level (SPECGUARD.md section 4).
+    """
     state = state_of(runner)
     if state is None or not isinstance(drafts, torch.Tensor):
         return drafts
     num_reqs = drafts.shape[0]
     req_ids = runner.input_batch.req_ids[:num_reqs]
     rows = drafts.tolist()
-    return [state.steps.truncate_draft(req_id, row) for req_id, row in zip(req_ids, rows)]
+    base = state.config.specguard
+    eos = state.segmenter.eos_token_ids
+    return [state.steps.truncate_draft(
+        req_id, row, keep_tail=request_params(runner, req_id, base).fallback == "speculative",
+        eos_ids=eos) for req_id, row in zip(req_ids, rows)]
 
 
 def on_update_states(runner, scheduler_output) -> None:

@@ -6,6 +6,13 @@ LPBV from the target logits of the step, ABGV from the grounding statistics
 captured during the same forward, ``score >= tau`` per request. Accepted rows
 commit ``[d_1..d_n, bonus]``; rejected rows commit only the target's own token
 at the step's first position. Rows without drafts sample one token as usual.
+
+With ``fallback: speculative`` (SPECGUARD.md 4) a row may carry a *tail* past the
+step's end, and rows finishing a rejected step are verified token by token. All of
+those go through vLLM's own rejection sampler in one call: rejected rows and finishing
+rows on the real logits; accepted rows with a tail on logits whose step positions are
+forced to the drafted token (so their step is kept and only the tail is judged
+token-level, losslessly).
 The output keeps vLLM's encoding (``-1`` padding), so the scheduler's
 bookkeeping and its spec-decode counters need no change.
 """
@@ -25,11 +32,12 @@ from vllm.v1.sample.rejection_sampler import (
     apply_sampling_constraints,
 )
 
-from specguard_vllm.config import ConfigError, SpecGuardConfig, apply_request_overrides
+from specguard_vllm.config import SpecGuardConfig
 from kernels.dispatch import step_min_logprob
 from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import rollout_grounding
 from specguard_vllm.plugin import grounding_capture
+from specguard_vllm.plugin.request_params import request_params
 
 
 @dataclass
@@ -40,6 +48,7 @@ class StepVerdicts:
     decisions: list[StepDecision | None]
     draft_lengths: list[int]
     token_level: list[bool]  # rows verified token by token (fallback: speculative)
+    step_lens: list[int | None]  # accepted rows: how many committed tokens are the step
 
     def verdict(self, i: int):
         if self.token_level[i]:
@@ -66,14 +75,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         taus, betas, speculative = [], [], []
         req_ids = self.runner.input_batch.req_ids[:num_rows]
         for req_id in req_ids:
-            params = base
-            request = self.runner.requests.get(req_id)
-            extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
-            if extra:
-                try:
-                    params = apply_request_overrides(base, extra)
-                except ConfigError:
-                    params = base  # refused at the API server already; never reached there
+            params = request_params(self.runner, req_id, base)
             taus.append(params.tau)
             betas.append(params.beta)
             speculative.append(params.fallback == "speculative")
@@ -85,19 +87,35 @@ class SpecGuardRejectionSampler(RejectionSampler):
             return [False] * len(req_ids)
         return [state.steps.get(req_id).token_level for req_id in req_ids]
 
-    def _grounding(self, metadata, device) -> torch.Tensor | None:
+    def _step_lengths(self, req_ids: list[str], num_drafts: list[int]) -> list[int]:
+        """Per row, how many of its drafted tokens form the step (the rest is a tail)."""
+        state = getattr(self.runner, "_specguard", None)
+        lengths = []
+        for i, n in enumerate(num_drafts):
+            req_id = req_ids[i] if i < len(req_ids) else None
+            step_len = None
+            if state is not None and n > 0 and req_id is not None:
+                request_state = state.steps.get(req_id)
+                step_len, request_state.draft_step_len = request_state.draft_step_len, None
+            # The scheduler may have scheduled fewer drafts than were proposed.
+            lengths.append(n if step_len is None else min(step_len, n))
+        return lengths
+
+    def _grounding(self, metadata, device, step_lens: list[int]) -> torch.Tensor | None:
         capture = grounding_capture.ACTIVE
         if capture is None or not capture.complete_for(metadata.num_draft_tokens):
             return None
         batch = capture.batch
         g_min = []
         offset = 0
-        for n in metadata.num_draft_tokens:
-            if n == 0:
+        for n, m in zip(metadata.num_draft_tokens, step_lens):
+            if m == 0:
                 g_min.append(1.0)
+                offset += n
                 continue
-            masses = torch.stack([pm[offset: offset + n] for pm in batch.prefix_mass])
-            blocks = torch.stack([blk[offset: offset + n, :n] for blk in batch.block])
+            # Rollout is causal: the step's positions never depend on the tail after it.
+            masses = torch.stack([pm[offset: offset + m] for pm in batch.prefix_mass])
+            blocks = torch.stack([blk[offset: offset + m, :m] for blk in batch.block])
             g_min.append(float(rollout_grounding(masses.float(), blocks.float()).min()))
             offset += n
         if self.metrics is not None:
@@ -107,9 +125,49 @@ class SpecGuardRejectionSampler(RejectionSampler):
         return torch.tensor(g_min, dtype=torch.float32, device=device)
 
     # ---------------------------------------------------------------- forward
+    def _step_min_logprob(self, metadata, logits, step_lens: list[int], device) -> torch.Tensor:
+        """LPBV per row over its step's positions only, in one pass over the vocabulary
+        (kernels.dispatch: fused Triton kernel on CUDA)."""
+        n_list = metadata.num_draft_tokens
+        rows = metadata.target_logits_indices
+        token_ids = metadata.draft_token_ids
+        if list(step_lens) != list(n_list):  # some rows carry a tail: keep step positions
+            starts = [0]
+            for n in n_list[:-1]:
+                starts.append(starts[-1] + n)
+            keep = [s + j for s, m in zip(starts, step_lens) for j in range(m)]
+            index = torch.tensor(keep, dtype=torch.int64, device=device)
+            rows, token_ids = rows[index], token_ids[index]
+        lengths = torch.tensor(step_lens, dtype=torch.int64, device=device)
+        cu = torch.zeros(len(step_lens) + 1, dtype=torch.int64, device=device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        _, l_min = step_min_logprob(logits, token_ids, cu, max_step_len=max(max(step_lens), 1),
+                                    rows=rows)
+        return torch.where(lengths > 0, l_min, torch.zeros_like(l_min))
+
+    def _forced_step_logits(self, logits, metadata, rows: list[int], step_lens: list[int]):
+        """A copy of ``logits`` where the step positions of ``rows`` can only be their draft.
+
+        vLLM's rejection sampler then keeps those steps with probability 1 (greedy or not)
+        and judges only the tails after them, token by token.
+        """
+        starts = [0]
+        for n in metadata.num_draft_tokens[:-1]:
+            starts.append(starts[-1] + n)
+        flat = [starts[i] + j for i in rows for j in range(step_lens[i])]
+        index = torch.tensor(flat, dtype=torch.int64, device=logits.device)
+        positions = metadata.target_logits_indices[index]
+        tokens = metadata.draft_token_ids[index].to(torch.int64)
+        forced = logits.clone()
+        forced[positions] = float("-inf")
+        forced[positions, tokens] = 0.0
+        return forced
+
     def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
         num_rows = len(metadata.num_draft_tokens)
-        g_min = self._grounding(metadata, logits.device)
+        req_ids = list(self.runner.input_batch.req_ids[:num_rows])
+        step_lens = self._step_lengths(req_ids, list(metadata.num_draft_tokens))
+        g_min = self._grounding(metadata, logits.device, step_lens)
         if g_min is None:
             # Warm-up / profiling runs with dummy metadata: nothing was captured.
             self.last_verdicts = None
@@ -117,15 +175,9 @@ class SpecGuardRejectionSampler(RejectionSampler):
         started = time.perf_counter()
         device = logits.device
         num_drafts = torch.tensor(metadata.num_draft_tokens, dtype=torch.int64, device=device)
+        step_lens_t = torch.tensor(step_lens, dtype=torch.int64, device=device)
         has_step = num_drafts > 0
-        # LPBV per row from the raw target logits of the drafted positions, in one pass
-        # over the vocabulary (kernels.dispatch: fused Triton kernel on CUDA).
-        cu = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
-        cu[1:] = metadata.cu_num_draft_tokens.to(device=device, dtype=torch.int64)
-        _, l_min = step_min_logprob(logits, metadata.draft_token_ids, cu,
-                                    max_step_len=metadata.max_spec_len,
-                                    rows=metadata.target_logits_indices)
-        l_min = torch.where(has_step, l_min, torch.zeros_like(l_min))
+        l_min = self._step_min_logprob(metadata, logits, step_lens, device)
 
         req_ids, taus, betas, speculative = self._request_params(num_rows)
         score, accepted = decide_steps(
@@ -133,10 +185,12 @@ class SpecGuardRejectionSampler(RejectionSampler):
             lpbv_floor=self.specguard.specguard.lpbv_floor)
         # Rows finishing a rejected step token-level are not judged as steps again.
         finishing = torch.tensor(self._in_token_level_mode(req_ids), dtype=torch.bool, device=device)
+        finishing = finishing | (has_step & (step_lens_t == 0))
         accepted = accepted & has_step & ~finishing
         rejected = has_step & ~accepted & ~finishing
         token_level = has_step & (finishing | (rejected & torch.tensor(speculative, device=device)))
         rejected = rejected & ~token_level
+        with_tail = accepted & (step_lens_t < num_drafts)
 
         # Tokens: the bonus row for accepted / draft-less rows, the step's first
         # position for rejected rows (the target's own token there).
@@ -155,10 +209,16 @@ class SpecGuardRejectionSampler(RejectionSampler):
         width = metadata.max_spec_len + 1
         out = torch.full((num_rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         token_level_list = token_level.tolist()
+        tail_list = with_tail.tolist()
         token_rows = None
-        if any(token_level_list):
-            # vLLM's own token-level rejection sampling (lossless for the greedy target).
-            stock = super().forward(metadata, draft_probs, logits,
+        if any(token_level_list) or any(tail_list):
+            # vLLM's own token-level rejection sampling (lossless), one call for every row
+            # that needs it; accepted steps with a tail get their step positions forced.
+            stock_logits = logits
+            if any(tail_list):
+                stock_logits = self._forced_step_logits(
+                    logits, metadata, [i for i, t in enumerate(tail_list) if t], step_lens)
+            stock = super().forward(metadata, draft_probs, stock_logits,
                                     replace(sampling_metadata, max_num_logprobs=None))
             token_rows = stock.sampled_token_ids.to(torch.int32)
         draft_lists = metadata.draft_token_ids.tolist()
@@ -167,7 +227,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         offset = 0
         for i in range(num_rows):
             n = n_list[i]
-            if token_level_list[i]:
+            if token_level_list[i] or tail_list[i]:
                 out[i, : token_rows.shape[1]] = token_rows[i]
             elif accepted_list[i]:
                 out[i, :n] = torch.tensor(draft_lists[offset: offset + n], dtype=torch.int32)
@@ -195,23 +255,34 @@ class SpecGuardRejectionSampler(RejectionSampler):
             judged = n_list[i] > 0 and not finishing_list[i]
             decisions.append(StepDecision(l_list[i], g_list[i], s_list[i], bool(accepted_list[i]))
                              if judged else None)
-        self.last_verdicts = StepVerdicts(req_ids, decisions, list(n_list), token_level_list)
+        self.last_verdicts = StepVerdicts(
+            req_ids, decisions, list(n_list), token_level_list,
+            [step_lens[i] if accepted_list[i] else None for i in range(num_rows)])
         if self.decision_log:
-            self._log_decisions(req_ids, decisions, draft_lists, n_list)
+            self._log_decisions(req_ids, decisions, draft_lists, n_list, step_lens,
+                                token_level_list, out)
         if self.metrics is not None:
             self.metrics.observe_verification(decisions, time.perf_counter() - started)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
-    def _log_decisions(self, req_ids, decisions, draft_lists, n_list) -> None:
+    def _log_decisions(self, req_ids, decisions, draft_lists, n_list, step_lens, token_level,
+                       out) -> None:
+        """One line per verified row: ``kind`` "step" (judged: scores and decision) or
+        "token" (finishing a rejected step token-level); ``committed`` is how many tokens
+        the row committed (kept drafts plus the target's own last token)."""
         context_lens = self.runner.input_batch.num_tokens_no_spec
+        committed = (out != PLACEHOLDER_TOKEN_ID).sum(dim=1).tolist()
         lines, offset = [], 0
         for i, decision in enumerate(decisions):
             n = n_list[i]
+            entry = {"req_id": req_ids[i], "context_len": int(context_lens[i]),
+                     "drafted": draft_lists[offset: offset + n], "committed": int(committed[i])}
             if decision is not None:
                 lines.append(json.dumps({
-                    "req_id": req_ids[i], "context_len": int(context_lens[i]),
-                    "drafted": draft_lists[offset: offset + n], "lpbv": decision.lpbv,
+                    "kind": "step", **entry, "step_len": step_lens[i], "lpbv": decision.lpbv,
                     "abgv": decision.abgv, "score": decision.score, "accepted": decision.accepted}))
+            elif n > 0 and token_level[i]:
+                lines.append(json.dumps({"kind": "token", **entry}))
             offset += n
         if lines:
             with open(self.decision_log, "a", encoding="utf-8") as log:

@@ -1,0 +1,1 @@
+"""Evaluation: datasets and graders, `specguard bench`, `specguard calibrate`, reports."""

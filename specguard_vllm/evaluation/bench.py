@@ -1,0 +1,242 @@
+"""`specguard bench`: SpecGuard against target-only and vLLM's own SD, in one run, interleaved.
+
+Offline: one engine process per engine configuration, all alive at once; every problem is
+sent to every configuration in turn (the order rotates per problem), one request at a
+time, so drift hits all alike and per-request counters are exact. Server: real
+`vllm serve` processes driven through the OpenAI client at concurrency 1 and N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from specguard_vllm.config import ConfigError, load_config
+from specguard_vllm.evaluation.bench_configs import BenchConfig, EngineSpec, build_matrix
+from specguard_vllm.evaluation.bench_metrics import (
+    ProblemResult,
+    add_comparisons,
+    paired_outcomes,
+    summarise,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EXIT_BAD_INPUT = 2
+
+
+def _problem_result(config: BenchConfig, item, answer: dict, num_spec: int, grade) -> ProblemResult:
+    if "error" in answer:
+        return ProblemResult(config.name, item.id, False, 0, 0.0, None, 0, 0, 0, 0,
+                             error=answer["error"])
+    engine, sg = answer["engine"], answer.get("specguard") or {}
+    if config.engine == "sd":
+        draft_forwards = engine["num_drafts"] * num_spec  # vLLM's draft loop: K passes per round
+    else:
+        draft_forwards = sg.get("draft_forward_passes", 0.0)
+    return ProblemResult(
+        config=config.name, item_id=item.id, correct=bool(grade(item, answer["text"])),
+        output_tokens=len(answer["token_ids"]), latency_s=answer["latency_s"],
+        ttft_s=answer.get("ttft_s"), target_forwards=engine["iterations"],
+        draft_forwards=draft_forwards, accepted_draft_tokens=engine["num_accepted_tokens"],
+        proposed_draft_tokens=engine["num_draft_tokens"],
+        steps_accepted=sg.get("steps_accepted", 0.0), steps_rejected=sg.get("steps_rejected", 0.0),
+        scorer_s=sg.get("verify_seconds", 0.0) + sg.get("grounding_seconds", 0.0),
+        text=answer["text"])
+
+
+def run_offline(target: str, engines: list[EngineSpec], configs: list[BenchConfig], items,
+                prompts: list[list[int]], *, max_tokens: int, num_spec: int, grade,
+                progress=None, scratch_dir: str | None = None) -> dict[str, list[ProblemResult]]:
+    """Every problem through every configuration; returns results per configuration."""
+    from specguard_vllm.evaluation.engine_process import EngineProcess
+
+    procs = {}
+    try:
+        for spec in engines:  # start all first: their start-ups overlap
+            procs[spec.key] = EngineProcess(spec.key, {
+                "target": target, "speculative_config": spec.speculative_config,
+                "llm_kwargs": {"max_num_seqs": 4}}, scratch_dir)
+        for proc in procs.values():
+            proc.wait_ready()
+        for config in configs:  # one warm-up request per configuration, not measured
+            procs[config.engine].generate(prompts[0], max_tokens=8, extra_args=config.overrides or None)
+        results: dict[str, list[ProblemResult]] = {c.name: [] for c in configs}
+        for i, (item, ids) in enumerate(zip(items, prompts)):
+            shift = i % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                answer = procs[config.engine].generate(ids, max_tokens=max_tokens,
+                                                       extra_args=config.overrides or None)
+                results[config.name].append(_problem_result(config, item, answer, num_spec, grade))
+                if progress is not None:
+                    progress(config.name)
+        return results
+    finally:
+        for proc in procs.values():
+            proc.close()
+
+
+def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig], items,
+               prompts: list[list[int]], *, max_tokens: int, concurrencies: list[int], grade,
+               progress=None, scratch_dir: str) -> list[dict]:
+    """Each engine as a real `vllm serve`; its configurations at every concurrency level."""
+    from specguard_vllm.evaluation.server_client import metric_delta, run_requests, scrape_metrics
+    from specguard_vllm.serving import vllm_server
+
+    rows = []
+    for spec in engines:
+        served = [c for c in configs if c.engine == spec.key]
+        if not served:
+            continue
+        extra = [] if spec.speculative_config is None else \
+            ["--speculative-config", json.dumps(spec.speculative_config)]
+        with vllm_server(target, *extra, scratch_dir=scratch_dir) as base_url:
+            run_requests(base_url, target, prompts[:1], max_tokens=8, concurrency=1)  # warm-up
+            for concurrency in concurrencies:
+                for config in served:
+                    before = scrape_metrics(base_url)
+                    started = time.perf_counter()
+                    extra_body = {"vllm_xargs": config.overrides} if config.overrides else None
+                    answers = run_requests(base_url, target, prompts, max_tokens=max_tokens,
+                                           concurrency=concurrency, extra_body=extra_body,
+                                           progress=progress)
+                    wall = time.perf_counter() - started
+                    after = scrape_metrics(base_url)
+                    results = [ProblemResult(
+                        config.name, item.id, a.error is None and bool(grade(item, a.text)),
+                        a.output_tokens, a.latency_s, a.ttft_s, 0, 0, 0, 0, error=a.error,
+                        text=a.text) for item, a in zip(items, answers)]
+                    row = summarise(config.name, results, mode=f"server-c{concurrency}",
+                                    params=config.params, group=config.group)
+                    delta = lambda name: metric_delta(before, after, name)  # noqa: E731
+                    steps_acc = delta('specguard_steps_total{decision="accepted"}')
+                    steps_rej = delta('specguard_steps_total{decision="rejected"}')
+                    row["tokens_per_s"] = row["output_tokens"] / wall if wall else None
+                    row["wall_s"] = wall
+                    row["step_acceptance"] = (steps_acc / (steps_acc + steps_rej)
+                                              if steps_acc + steps_rej else None)
+                    accepted = delta("vllm:spec_decode_num_accepted_tokens_total")
+                    row["draft_token_share"] = (accepted / row["output_tokens"]
+                                                if row["output_tokens"] else None)
+                    # Engine iterations are shared by concurrent requests: per-request
+                    # forward counts come from the offline run.
+                    row["target_forwards"] = delta("vllm:iteration_tokens_total_count")
+                    row["draft_forwards"] = 0
+                    row["tokens_per_target_forward"] = None
+                    rows.append(row)
+    return rows
+
+
+def _write_outputs(rows, results, args, meta) -> None:
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from specguard_vllm.evaluation.bench_report import markdown_table, write_report
+
+    title = (f"specguard bench: {meta['dataset']} ({meta['n']} problems), target "
+             f"{meta['target']}, {meta['machine']}")
+    written = write_report(rows, out_dir, plots=not args.no_plots, title=title)
+    with open(out_dir / "problems.jsonl", "w", encoding="utf-8") as fh:
+        for config, rs in results.items():
+            for r in rs:
+                fh.write(json.dumps({"config": config, "item": r.item_id, "correct": r.correct,
+                                     "tokens": r.output_tokens, "latency_s": r.latency_s,
+                                     "target_forwards": r.target_forwards,
+                                     "draft_forwards": r.draft_forwards, "error": r.error,
+                                     "text": r.text}) + "\n")
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        written.append(Path(args.json))
+    print()
+    print(markdown_table(rows))
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from specguard_vllm.evaluation.datasets import is_correct, load_items, prompt_ids
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        config = load_config(args.config)
+        n = args.n if args.n is not None else (24 if args.quick else 100)
+        if n < 1 or args.max_tokens < 1:
+            raise ValueError(f"--n and --max-tokens must be >= 1 (got {n}, {args.max_tokens})")
+        if not os.path.isdir(args.target):
+            raise ValueError(f"--target: no such model directory: {args.target}")
+        only = [c.strip() for c in args.configs.split(",")] if args.configs else None
+        engines, configs = build_matrix(config, quick=args.quick, only=only)
+        items = load_items(args.dataset, n, split=args.split, seed=args.seed, path=args.data_path)
+        concurrencies = sorted({1, args.concurrency}) if args.server else []
+        if args.server and args.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    except ConfigError as error:
+        print(error.render(), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as error:
+        print(f"specguard bench: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    target = str(Path(args.target).resolve())
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    prompts = [prompt_ids(item, tokenizer) for item in items]
+    print(f"bench: {len(items)} {args.dataset} problems x {len(configs)} configurations "
+          f"({', '.join(c.name for c in configs)}) on {len(engines)} engines", file=sys.stderr)
+    scratch = tempfile.mkdtemp(prefix="specguard-bench-")
+    total = len(items) * len(configs) * (1 + (len(concurrencies) if args.server else 0))
+    started = time.perf_counter()
+    with tqdm(total=total, desc="bench", unit="req", mininterval=2.0, file=sys.stderr) as bar:
+        def progress(_name=None):
+            bar.update(1)
+
+        results = run_offline(target, engines, configs, items, prompts, max_tokens=args.max_tokens,
+                              num_spec=config.num_speculative_tokens, grade=is_correct,
+                              progress=progress, scratch_dir=scratch)
+        rows = [summarise(c.name, results[c.name], params=c.params, group=c.group) for c in configs]
+        if args.server:
+            served = [c for c in configs if c.name in ("target", "sd", "specguard")
+                      or c.group == "fallback"]
+            rows += run_server(target, engines, served, items, prompts, max_tokens=args.max_tokens,
+                               concurrencies=concurrencies, grade=is_correct, progress=progress,
+                               scratch_dir=scratch)
+    add_comparisons(rows)
+    meta = {
+        "command": "specguard bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
+        "dataset": args.dataset, "split": args.split, "n": len(items), "target": args.target,
+        "config": str(args.config), "num_speculative_tokens": config.num_speculative_tokens,
+        "specguard": config.specguard.model_dump(mode="json"), "max_tokens": args.max_tokens,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "wall_s": time.perf_counter() - started,
+        "paired_vs_target": paired_outcomes(results),
+    }
+    _write_outputs(rows, results, args, meta)
+    return 0
+
+
+def add_bench_command(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="accuracy and speed vs target-only and vLLM SD")
+    bench.add_argument("--config", default=str(REPO / "configs/specguard.yaml"))
+    bench.add_argument("--target", default=str(REPO / "models/tiny-target"))
+    bench.add_argument("--dataset", default="tiny", choices=("tiny", "gsm8k", "math"))
+    bench.add_argument("--data-path", help="dataset file (required for math)")
+    bench.add_argument("--split", default="test")
+    bench.add_argument("--n", type=int, help="problems (default 100; 24 with --quick)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--max-tokens", type=int, default=192)
+    bench.add_argument("--quick", action="store_true",
+                       help="target, sd, specguard and its other fallback only, fewer problems")
+    bench.add_argument("--configs", help="comma-separated subset of configuration names")
+    bench.add_argument("--server", action="store_true",
+                       help="also run target, sd and specguard through real `vllm serve` + OpenAI client")
+    bench.add_argument("--concurrency", type=int, default=8, help="the N of the server runs")
+    bench.add_argument("--json", help="write the rows as a JSON list here")
+    bench.add_argument("--out-dir", default=str(REPO / "benchmarks/results/bench"))
+    bench.add_argument("--no-plots", action="store_true")
+    bench.set_defaults(func=cmd_bench)

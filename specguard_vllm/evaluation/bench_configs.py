@@ -1,0 +1,98 @@
+"""Which configurations `specguard bench` compares, and which engine each runs on.
+
+SpecGuard variants that differ only in per-request knobs (tau, beta, fallback) share one
+engine and are selected per request through ``vllm_xargs``; k changes the proposer's batch
+shape, so each k gets its own engine. The baselines use the same draft and the same
+``num_speculative_tokens`` as SpecGuard.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specguard_vllm.config import SpecGuardConfig
+
+TAU_SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+K_ABLATION = (1, 2, 4)
+QUICK = ("target", "sd", "specguard", "specguard-fallback-*")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine process: the target and its speculative config (None: target-only)."""
+
+    key: str
+    speculative_config: dict | None
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    engine: str
+    group: str  # baseline | specguard | fallback | ablation | k | tau
+    overrides: dict = field(default_factory=dict)  # per-request vllm_xargs
+    params: dict = field(default_factory=dict)  # the effective SpecGuard knobs, for the record
+
+
+def _absolute_draft(config: SpecGuardConfig) -> SpecGuardConfig:
+    """The draft path made absolute (engine processes run from the repo root)."""
+    model = config.model
+    if not os.path.isabs(model) and os.path.exists(model):
+        return config.model_copy(update={"model": str(Path(model).resolve())})
+    return config
+
+
+def build_matrix(config: SpecGuardConfig, *, quick: bool = False,
+                 only: list[str] | None = None) -> tuple[list[EngineSpec], list[BenchConfig]]:
+    """Engines and configurations for one bench run; ``only`` keeps the named ones."""
+    config = _absolute_draft(config)
+    base = config.specguard
+    k0 = base.num_candidates
+
+    def sg_engine(k: int) -> EngineSpec:
+        sg = config.model_copy(update={"specguard": base.model_copy(update={"num_candidates": k})})
+        return EngineSpec(f"specguard-k{k}", sg.model_dump(mode="json", exclude_none=True))
+
+    def params(**changes) -> dict:
+        knobs = {"k": k0, "tau": base.tau, "beta": base.beta, "fallback": base.fallback}
+        knobs.update(changes)
+        return knobs
+
+    other_fallback = "speculative" if base.fallback == "target" else "target"
+    configs = [
+        BenchConfig("target", "target", "baseline"),
+        BenchConfig("sd", "sd", "baseline"),
+        BenchConfig("specguard", f"specguard-k{k0}", "specguard", {}, params()),
+        BenchConfig(f"specguard-fallback-{other_fallback}", f"specguard-k{k0}", "fallback",
+                    {"fallback": other_fallback}, params(fallback=other_fallback)),
+        BenchConfig("lpbv-only", f"specguard-k{k0}", "ablation", {"beta": 1.0}, params(beta=1.0)),
+        BenchConfig("abgv-only", f"specguard-k{k0}", "ablation", {"beta": 0.0}, params(beta=0.0)),
+    ]
+    configs += [BenchConfig(f"k={k}", f"specguard-k{k}", "k", {}, params(k=k))
+                for k in K_ABLATION if k != k0]
+    configs += [BenchConfig(f"tau={tau:g}", f"specguard-k{k0}", "tau", {"tau": tau}, params(tau=tau))
+                for tau in TAU_SWEEP if tau != base.tau]
+    if quick:
+        configs = [c for c in configs if c.name in QUICK or c.group == "fallback"]
+    if only:
+        unknown = sorted(set(only) - {c.name for c in configs})
+        if unknown:
+            raise ValueError(f"unknown bench configuration(s) {unknown}; choose from "
+                             f"{[c.name for c in configs]}")
+        configs = [c for c in configs if c.name in only]
+
+    engines: dict[str, EngineSpec] = {}
+    for c in configs:
+        if c.engine in engines:
+            continue
+        if c.engine == "target":
+            engines["target"] = EngineSpec("target", None)
+        elif c.engine == "sd":
+            engines["sd"] = EngineSpec("sd", {
+                "method": "draft_model", "model": config.model,
+                "num_speculative_tokens": config.num_speculative_tokens})
+        else:
+            engines[c.engine] = sg_engine(int(c.engine.rsplit("k", 1)[1]))
+    return list(engines.values()), configs

@@ -1,0 +1,120 @@
+"""The bench's markdown table and PNG plots (accuracy vs latency; acceptance and accuracy vs tau)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from specguard_vllm.evaluation.bench_metrics import COST_RATIOS
+
+
+def _fmt(value, spec: str = ".3f", scale: float = 1.0, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * scale:{spec}}{suffix}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One table per mode; ratios are against `target` / `sd` of the same mode and run."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        out.append(f"**{mode}**\n")
+        speed_cols = " | ".join(f"speedup c={c:g}" for c in COST_RATIOS)
+        out.append(
+            "| config | n | accuracy (95% CI) | latency s/problem | tok/s | tok/s ÷ target | "
+            "TPOT ms | step acc. | draft share | scorer | target fwd | draft fwd | tok/target fwd "
+            f"| ÷ sd | {speed_cols} |")
+        out.append("|" + "---|" * (14 + len(COST_RATIOS)))
+        for r in (r for r in rows if r["mode"] == mode):
+            low, high = r["accuracy_ci95"]
+            speed = " | ".join(_fmt(r["modelled_speedup"].get(f"{c:g}"), ".2f", suffix="x")
+                               for c in COST_RATIOS)
+            out.append(
+                f"| {r['config']} | {r['n']} | {_fmt(r['accuracy'], '.1f', 100, '%')} "
+                f"({_fmt(low, '.0f', 100)}-{_fmt(high, '.0f', 100)}) | "
+                f"{_fmt(r['latency_s_per_problem'], '.2f')} | {_fmt(r['tokens_per_s'], '.1f')} | "
+                f"{_fmt(r['tokens_per_s_vs_target'], '.2f', suffix='x')} | "
+                f"{_fmt(r['tpot_s'], '.1f', 1000)} | {_fmt(r['step_acceptance'], '.1f', 100, '%')} | "
+                f"{_fmt(r['draft_token_share'], '.1f', 100, '%')} | "
+                f"{_fmt(r['scorer_overhead'], '.1f', 100, '%')} | {r['target_forwards']:.0f} | "
+                f"{r['draft_forwards']:.0f} | {_fmt(r['tokens_per_target_forward'], '.2f')} | "
+                f"{_fmt(r['tokens_per_target_forward_vs_sd'], '.2f', suffix='x')} | {speed} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, x_key, label in (
+        (axes[0], "latency_s_per_problem", "latency per problem (s, this machine)"),
+        (axes[1], "tokens_per_target_forward", "committed tokens per target forward"),
+    ):
+        for r in rows:
+            x, y = r.get(x_key), r.get("accuracy")
+            if x is None or y is None or math.isnan(y):
+                continue
+            low, high = r["accuracy_ci95"]
+            colour = {"baseline": "tab:gray", "specguard": "tab:red"}.get(r["group"], "tab:blue")
+            ax.errorbar(x, 100 * y, yerr=[[100 * (y - low)], [100 * (high - y)]], fmt="o",
+                        color=colour, capsize=3, alpha=0.8)
+            ax.annotate(f"{r['config']} ({r['mode']})" if r["mode"] != "offline" else r["config"],
+                        (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("SpecGuard vs baselines: accuracy against latency and target work")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tau_sweep(rows: list[dict], path: Path) -> Path | None:
+    """Step acceptance and accuracy against tau (offline rows of the base k and beta)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [r for r in rows if r["mode"] == "offline" and r["group"] in ("tau", "specguard")]
+    if len(sweep) < 2:
+        return None
+    sweep.sort(key=lambda r: r["params"]["tau"])
+    taus = [r["params"]["tau"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(taus, [100 * (r["step_acceptance"] or 0) for r in sweep], "o-", label="step acceptance")
+    ax.plot(taus, [100 * r["accuracy"] for r in sweep], "s-", label="accuracy")
+    target = next((r for r in rows if r["mode"] == "offline" and r["config"] == "target"), None)
+    if target:
+        ax.axhline(100 * target["accuracy"], color="gray", ls="--", label="target-only accuracy")
+    ax.set_xlabel("tau")
+    ax.set_ylabel("%")
+    ax.set_title("Acceptance and accuracy vs tau")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[dict], out_dir: Path, *, plots: bool = True, title: str = "") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "bench.md"]
+    written[0].write_text((f"# {title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    if plots:
+        written.append(plot_accuracy_vs_latency(rows, out_dir / "accuracy_vs_latency.png"))
+        tau = plot_tau_sweep(rows, out_dir / "tau_sweep.png")
+        if tau:
+            written.append(tau)
+    return written

@@ -1,0 +1,20 @@
+"""A request's effective SpecGuard knobs: the config's, with its validated ``vllm_xargs``.
+
+The proposer's hints, the draft truncation and the verifier all need them per request;
+they must agree, so they read them here.
+"""
+
+from __future__ import annotations
+
+from specguard_vllm.config import ConfigError, SpecGuardParams, apply_request_overrides
+
+
+def request_params(runner, req_id: str, base: SpecGuardParams) -> SpecGuardParams:
+    request = getattr(runner, "requests", {}).get(req_id)
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    if not extra:
+        return base
+    try:
+        return apply_request_overrides(base, extra)
+    except ConfigError:
+        return base  # refused at the API server already; never reached there
