@@ -17,6 +17,9 @@ COPY pyproject.toml setup.py README.md ./
 COPY specguard_vllm ./specguard_vllm
 COPY kernels ./kernels
 COPY configs ./configs
+# Bundled evaluation data (GSM8K test split, MIT licence) for `specguard bench --dataset gsm8k`.
+COPY data ./data
+ENV SPECGUARD_DATA_DIR=/opt/specguard-vllm/data
 # Everything the plugin needs (torch, triton, pydantic, PyYAML, transformers) is in the image;
 # --no-deps keeps pip from touching vLLM's pinned stack. The version check fails the build
 # if the base image's vLLM is not one the plugin supports.

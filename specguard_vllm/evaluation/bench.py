@@ -9,6 +9,7 @@ time, so drift hits all alike and per-request counters are exact. Server: real
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ from specguard_vllm.evaluation.bench_metrics import (
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
+SERVED = ("target", "sd", "specguard")  # and the other fallback: through `vllm serve` too
 
 
 def _problem_result(config: BenchConfig, item, answer: dict, num_spec: int, grade) -> ProblemResult:
@@ -81,28 +83,48 @@ def run_offline(target: str, engines: list[EngineSpec], configs: list[BenchConfi
             proc.close()
 
 
-def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig], items,
-               prompts: list[list[int]], *, max_tokens: int, concurrencies: list[int], grade,
-               progress=None, scratch_dir: str) -> list[dict]:
-    """Each engine as a real `vllm serve`; its configurations at every concurrency level."""
-    from specguard_vllm.evaluation.server_client import metric_delta, run_requests, scrape_metrics
+def _served_model(base_url: str) -> str:
+    import requests
+
+    models = requests.get(base_url.rstrip("/") + "/v1/models", timeout=10).json()["data"]
+    return models[0]["id"]
+
+
+@contextlib.contextmanager
+def _server_for(spec: EngineSpec, target: str, urls: dict[str, str], scratch_dir: str):
+    """(base URL, model name): a running server given on the command line, or a fresh one."""
+    if spec.key in urls:
+        yield urls[spec.key], _served_model(urls[spec.key])
+        return
     from specguard_vllm.serving import vllm_server
 
+    extra = [] if spec.speculative_config is None else \
+        ["--speculative-config", json.dumps(spec.speculative_config)]
+    with vllm_server(target, *extra, scratch_dir=scratch_dir) as base_url:
+        yield base_url, target
+
+
+def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig], items,
+               prompts: list[list[int]], *, max_tokens: int, concurrencies: list[int], grade,
+               progress=None, scratch_dir: str, urls: dict[str, str] | None = None) -> list[dict]:
+    """Each engine as a `vllm serve` (started here, or running at ``urls[engine key]``); its
+    configurations at every concurrency level."""
+    from specguard_vllm.evaluation.server_client import metric_delta, run_requests, scrape_metrics
+
     rows = []
+    urls = urls or {}
     for spec in engines:
         served = [c for c in configs if c.engine == spec.key]
-        if not served:
+        if not served or (urls and spec.key not in urls):
             continue
-        extra = [] if spec.speculative_config is None else \
-            ["--speculative-config", json.dumps(spec.speculative_config)]
-        with vllm_server(target, *extra, scratch_dir=scratch_dir) as base_url:
-            run_requests(base_url, target, prompts[:1], max_tokens=8, concurrency=1)  # warm-up
+        with _server_for(spec, target, urls, scratch_dir) as (base_url, model):
+            run_requests(base_url, model, prompts[:1], max_tokens=8, concurrency=1)  # warm-up
             for concurrency in concurrencies:
                 for config in served:
                     before = scrape_metrics(base_url)
                     started = time.perf_counter()
                     extra_body = {"vllm_xargs": config.overrides} if config.overrides else None
-                    answers = run_requests(base_url, target, prompts, max_tokens=max_tokens,
+                    answers = run_requests(base_url, model, prompts, max_tokens=max_tokens,
                                            concurrency=concurrency, extra_body=extra_body,
                                            progress=progress)
                     wall = time.perf_counter() - started
@@ -174,11 +196,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not os.path.isdir(args.target):
             raise ValueError(f"--target: no such model directory: {args.target}")
         only = [c.strip() for c in args.configs.split(",")] if args.configs else None
-        engines, configs = build_matrix(config, quick=args.quick, only=only)
+        calibrated = load_config(args.calibrated) if args.calibrated else None
+        engines, configs = build_matrix(config, quick=args.quick, only=only, calibrated=calibrated)
         items = load_items(args.dataset, n, split=args.split, seed=args.seed, path=args.data_path)
-        concurrencies = sorted({1, args.concurrency}) if args.server else []
-        if args.server and args.concurrency < 1:
+        k0 = config.specguard.num_candidates
+        urls = {key: url for key, url in (("target", args.target_url), ("sd", args.sd_url),
+                                          (f"specguard-k{k0}", args.server_url)) if url}
+        use_servers = args.server or bool(urls)
+        concurrencies = sorted({1, args.concurrency}) if use_servers else []
+        if use_servers and args.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+        if args.skip_offline and not use_servers:
+            raise ValueError("--skip-offline needs --server or a server URL")
     except ConfigError as error:
         print(error.render(), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -191,22 +220,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"bench: {len(items)} {args.dataset} problems x {len(configs)} configurations "
           f"({', '.join(c.name for c in configs)}) on {len(engines)} engines", file=sys.stderr)
     scratch = tempfile.mkdtemp(prefix="specguard-bench-")
-    total = len(items) * len(configs) * (1 + (len(concurrencies) if args.server else 0))
+    if urls:  # everything a given server can serve
+        served = [c for c in configs if c.engine in urls]
+    else:
+        served = [c for c in configs if c.name in SERVED or c.group == "fallback"] \
+            if use_servers else []
+    offline = [] if args.skip_offline else configs
+    total = len(items) * (len(offline) + len(served) * len(concurrencies))
     started = time.perf_counter()
     with tqdm(total=total, desc="bench", unit="req", mininterval=2.0, file=sys.stderr) as bar:
         def progress(_name=None):
             bar.update(1)
 
-        results = run_offline(target, engines, configs, items, prompts, max_tokens=args.max_tokens,
-                              num_spec=config.num_speculative_tokens, grade=is_correct,
-                              progress=progress, scratch_dir=scratch)
-        rows = [summarise(c.name, results[c.name], params=c.params, group=c.group) for c in configs]
-        if args.server:
-            served = [c for c in configs if c.name in ("target", "sd", "specguard")
-                      or c.group == "fallback"]
+        results = {}
+        if offline:
+            results = run_offline(target, engines, offline, items, prompts,
+                                  max_tokens=args.max_tokens, num_spec=config.num_speculative_tokens,
+                                  grade=is_correct, progress=progress, scratch_dir=scratch)
+        rows = [summarise(c.name, results[c.name], params=c.params, group=c.group) for c in offline]
+        if served:
             rows += run_server(target, engines, served, items, prompts, max_tokens=args.max_tokens,
                                concurrencies=concurrencies, grade=is_correct, progress=progress,
-                               scratch_dir=scratch)
+                               scratch_dir=scratch, urls=urls)
     add_comparisons(rows)
     meta = {
         "command": "specguard bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
@@ -233,9 +268,17 @@ def add_bench_command(subparsers) -> None:
     bench.add_argument("--quick", action="store_true",
                        help="target, sd, specguard and its other fallback only, fewer problems")
     bench.add_argument("--configs", help="comma-separated subset of configuration names")
+    bench.add_argument("--calibrated", help="a config from `specguard calibrate`: adds the "
+                       "configuration `calibrated` (its tau/beta/fallback as per-request overrides)")
     bench.add_argument("--server", action="store_true",
                        help="also run target, sd and specguard through real `vllm serve` + OpenAI client")
     bench.add_argument("--concurrency", type=int, default=8, help="the N of the server runs")
+    bench.add_argument("--server-url", help="a running SpecGuard `vllm serve` (same config): run "
+                       "the configurations it can serve through vllm_xargs against it")
+    bench.add_argument("--target-url", help="a running target-only `vllm serve` of the same target")
+    bench.add_argument("--sd-url", help="a running `vllm serve` with vLLM's draft_model SD")
+    bench.add_argument("--skip-offline", action="store_true",
+                       help="server runs only (needs --server or the URLs)")
     bench.add_argument("--json", help="write the rows as a JSON list here")
     bench.add_argument("--out-dir", default=str(REPO / "benchmarks/results/bench"))
     bench.add_argument("--no-plots", action="store_true")

@@ -44,9 +44,34 @@ def _absolute_draft(config: SpecGuardConfig) -> SpecGuardConfig:
     return config
 
 
-def build_matrix(config: SpecGuardConfig, *, quick: bool = False,
-                 only: list[str] | None = None) -> tuple[list[EngineSpec], list[BenchConfig]]:
-    """Engines and configurations for one bench run; ``only`` keeps the named ones."""
+def calibrated_config(base: SpecGuardConfig, other: SpecGuardConfig, name: str = "calibrated"):
+    """A configuration for another config file that differs only in per-request knobs."""
+    from specguard_vllm.config import OVERRIDABLE_KEYS
+
+    mine, theirs = base.specguard.model_dump(), other.specguard.model_dump()
+    differ = sorted(k for k in mine if mine[k] != theirs[k])
+    fixed = [k for k in differ if k not in OVERRIDABLE_KEYS]
+    if fixed or other.model != base.model or \
+            other.num_speculative_tokens != base.num_speculative_tokens:
+        raise ValueError(f"{name}: only {list(OVERRIDABLE_KEYS)} may differ from --config, but "
+                         f"{fixed or ['model / num_speculative_tokens']} do")
+    overrides = {k: theirs[k] for k in differ}
+    knobs = {"k": theirs["num_candidates"], "tau": theirs["tau"], "beta": theirs["beta"],
+             "fallback": theirs["fallback"]}
+    return BenchConfig(name, f"specguard-k{base.specguard.num_candidates}", "calibrated",
+                       overrides, knobs)
+
+
+def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str] | None = None,
+                 calibrated: SpecGuardConfig | None = None,
+                 ) -> tuple[list[EngineSpec], list[BenchConfig]]:
+    """Engines and configurations for one bench run; ``only`` keeps the named ones.
+
+    ``calibrated``: a config written by `specguard calibrate` (same models and k), run as
+    one more configuration on the base engine.
+    """
+    if calibrated is not None:
+        calibrated = _absolute_draft(calibrated)
     config = _absolute_draft(config)
     base = config.specguard
     k0 = base.num_candidates
@@ -76,6 +101,8 @@ def build_matrix(config: SpecGuardConfig, *, quick: bool = False,
                 for tau in TAU_SWEEP if tau != base.tau]
     if quick:
         configs = [c for c in configs if c.name in QUICK or c.group == "fallback"]
+    if calibrated is not None:
+        configs.append(calibrated_config(config, calibrated))
     if only:
         unknown = sorted(set(only) - {c.name for c in configs})
         if unknown:

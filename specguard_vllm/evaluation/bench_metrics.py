@@ -50,7 +50,10 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # The exact bounds at 0 and n (the formula gives them up to rounding).
+    low = 0.0 if successes == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if successes == n else max(p, min(1.0, centre + half))
+    return (low, high)
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -105,10 +108,11 @@ def add_comparisons(rows: list[dict]) -> list[dict]:
         if target and target["output_tokens"]:
             base_cost = target["target_forwards"] / target["output_tokens"]
         speedups = {}
+        counted = row["tokens_per_target_forward"] is not None  # server rows: no per-request counts
         for c in COST_RATIOS:
             cost = (row["target_forwards"] + c * row["draft_forwards"])
             speedups[f"{c:g}"] = (base_cost * row["output_tokens"] / cost
-                                  if base_cost and cost else None)
+                                  if counted and base_cost and cost else None)
         row["modelled_speedup"] = speedups
         row["tokens_per_s_vs_target"] = _ratio(row["tokens_per_s"], target["tokens_per_s"]) \
             if target else None
