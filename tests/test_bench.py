@@ -200,3 +200,37 @@ def test_calibrated_config_runs_on_the_base_engine_and_refuses_other_k(tmp_path)
         update={"num_candidates": 1})})
     with pytest.raises(ValueError, match="num_candidates"):
         build_matrix(config, calibrated=other_k)
+
+
+def test_render_redoes_tables_and_plots_from_saved_rows(tmp_path):
+    rs = {name: [_result(name, i, target=t, draft=d) for i in range(2)]
+          for name, t, d in (("target", 10, 0), ("sd", 4, 30))}
+    rows = add_comparisons([summarise(n, r, group="baseline") for n, r in rs.items()])
+    served = summarise("sd", rs["sd"], mode="server-c4", group="baseline")
+    rows.append(served)
+    saved = tmp_path / "rows.json"
+    saved.write_text(json.dumps(rows))
+    result = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", "--render",
+                             str(saved), "--out-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = json.loads(saved.read_text())
+    assert again[1]["modelled_speedup"] == rows[1]["modelled_speedup"]
+    assert again[2]["target_forwards"] is None and again[2]["modelled_speedup"]["0.02"] is None
+    assert (tmp_path / "out/bench.md").exists() and (tmp_path / "out/accuracy_vs_latency.png").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    refused = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", "--render",
+                              str(bad)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert refused.returncode == 2 and "bench rows" in refused.stderr
+
+
+def test_labelled_delta_sums_over_other_labels():
+    from specguard_vllm.evaluation.bench import _labelled_delta
+
+    before = {'specguard_steps_total{decision="accepted",model_name="m"}': 2.0}
+    after = {'specguard_steps_total{decision="accepted",model_name="m"}': 5.0,
+             'specguard_steps_total{decision="rejected",model_name="m"}': 4.0,
+             "specguard_steps_total": 9.0}
+    assert _labelled_delta(before, after, "specguard_steps_total", 'decision="accepted"') == 3.0
+    assert _labelled_delta(before, after, "specguard_steps_total", 'decision="rejected"') == 4.0

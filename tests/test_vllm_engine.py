@@ -101,11 +101,12 @@ def median_step_score(target, draft, texts, tmp_path) -> float:
     return (scores[i - 1] + scores[i]) / 2
 
 
-def test_engine_decisions_and_text_equal_reference_k1_greedy(tiny_pair, tmp_path):
+@pytest.mark.parametrize("fallback", ["target", "speculative"])
+def test_engine_decisions_and_text_equal_reference_k1_greedy(tiny_pair, tmp_path, fallback):
     texts = prompts(20)
     tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
     config = write_config(tmp_path / "k1.json", tiny_pair["draft"], num_candidates=1,
-                          draft_temperature=0.0, tau=tau)
+                          draft_temperature=0.0, tau=tau, fallback=fallback)
     engine = trace(tiny_pair["target"], config, texts, tmp_path)
     reference, _ = reference_traces(tiny_pair["target"], config, texts)
     assert len(engine) == len(texts) == 20

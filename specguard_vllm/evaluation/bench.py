@@ -32,6 +32,12 @@ EXIT_BAD_INPUT = 2
 SERVED = ("target", "sd", "specguard")  # and the other fallback: through `vllm serve` too
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _problem_result(config: BenchConfig, item, answer: dict, num_spec: int, grade) -> ProblemResult:
     if "error" in answer:
         return ProblemResult(config.name, item.id, False, 0, 0.0, None, 0, 0, 0, 0,
@@ -81,6 +87,12 @@ def run_offline(target: str, engines: list[EngineSpec], configs: list[BenchConfi
     finally:
         for proc in procs.values():
             proc.close()
+
+
+def _labelled_delta(before: dict, after: dict, name: str, label: str) -> float:
+    """Change of every sample of ``name`` whose labels include ``label`` (any other labels)."""
+    keys = [k for k in after if k.startswith(name + "{") and label in k]
+    return sum(after[k] - before.get(k, 0.0) for k in keys)
 
 
 def _served_model(base_url: str) -> str:
@@ -136,10 +148,13 @@ def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig
                     row = summarise(config.name, results, mode=f"server-c{concurrency}",
                                     params=config.params, group=config.group)
                     delta = lambda name: metric_delta(before, after, name)  # noqa: E731
-                    steps_acc = delta('specguard_steps_total{decision="accepted"}')
-                    steps_rej = delta('specguard_steps_total{decision="rejected"}')
+                    steps_acc = _labelled_delta(before, after, "specguard_steps_total",
+                                                'decision="accepted"')
+                    steps_rej = _labelled_delta(before, after, "specguard_steps_total",
+                                                'decision="rejected"')
                     row["tokens_per_s"] = row["output_tokens"] / wall if wall else None
                     row["wall_s"] = wall
+                    row["scorer_overhead"] = None  # measured in the worker: offline rows only
                     row["step_acceptance"] = (steps_acc / (steps_acc + steps_rej)
                                               if steps_acc + steps_rej else None)
                     accepted = delta("vllm:spec_decode_num_accepted_tokens_total")
@@ -147,8 +162,8 @@ def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig
                                                 if row["output_tokens"] else None)
                     # Engine iterations are shared by concurrent requests: per-request
                     # forward counts come from the offline run.
-                    row["target_forwards"] = delta("vllm:iteration_tokens_total_count")
-                    row["draft_forwards"] = 0
+                    row["engine_iterations"] = delta("vllm:iteration_tokens_total_count")
+                    row["target_forwards"] = row["draft_forwards"] = None
                     row["tokens_per_target_forward"] = None
                     rows.append(row)
     return rows
@@ -180,7 +195,36 @@ def _write_outputs(rows, results, args, meta) -> None:
     print("wrote " + ", ".join(str(p) for p in written), flush=True)
 
 
+def _render(args: argparse.Namespace) -> int:
+    """Tables and plots again from a saved ``--json`` (figures recomputed, nothing re-measured)."""
+    from specguard_vllm.evaluation.bench_report import markdown_table, write_report
+
+    try:
+        rows = json.loads(Path(args.render).read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "config" in r for r in rows):
+            raise ValueError("not a list of bench rows")
+    except (OSError, ValueError) as error:
+        print(f"specguard bench --render {args.render}: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for row in rows:
+        if row["mode"] != "offline":  # older files: no per-request counts for served rows
+            row["target_forwards"] = row["draft_forwards"] = row["tokens_per_target_forward"] = None
+    add_comparisons(rows)
+    meta = Path(args.render).with_name("meta.json")
+    title = ""
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        title = f"specguard bench: {m['dataset']} ({m['n']} problems), target {m['target']}, {m['machine']}"
+    written = write_report(rows, Path(args.out_dir), plots=not args.no_plots, title=title)
+    Path(args.render).write_text(json.dumps(rows, indent=2) + "\n")
+    print(markdown_table(rows))
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.render:
+        return _render(args)
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -208,6 +252,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
         if args.skip_offline and not use_servers:
             raise ValueError("--skip-offline needs --server or a server URL")
+        missing = [m for m, needed in (("matplotlib", not args.no_plots),
+                                       ("openai", use_servers)) if needed and not _has(m)]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install "
+                             f"'specguard-vllm[bench]' (or pass --no-plots)")
     except ConfigError as error:
         print(error.render(), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -282,4 +331,6 @@ def add_bench_command(subparsers) -> None:
     bench.add_argument("--json", help="write the rows as a JSON list here")
     bench.add_argument("--out-dir", default=str(REPO / "benchmarks/results/bench"))
     bench.add_argument("--no-plots", action="store_true")
+    bench.add_argument("--render", metavar="JSON",
+                       help="only redo the table and plots from a saved --json (into --out-dir)")
     bench.set_defaults(func=cmd_bench)

@@ -105,14 +105,14 @@ def add_comparisons(rows: list[dict]) -> list[dict]:
         peers = by_mode[row["mode"]]
         target, sd = peers.get("target"), peers.get("sd")
         base_cost = None
-        if target and target["output_tokens"]:
+        if target and target["output_tokens"] and target["target_forwards"] is not None:
             base_cost = target["target_forwards"] / target["output_tokens"]
         speedups = {}
-        counted = row["tokens_per_target_forward"] is not None  # server rows: no per-request counts
+        counted = row["target_forwards"] is not None  # server rows: no per-request counts
         for c in COST_RATIOS:
-            cost = (row["target_forwards"] + c * row["draft_forwards"])
+            cost = (row["target_forwards"] + c * row["draft_forwards"]) if counted else None
             speedups[f"{c:g}"] = (base_cost * row["output_tokens"] / cost
-                                  if counted and base_cost and cost else None)
+                                  if base_cost and cost else None)
         row["modelled_speedup"] = speedups
         row["tokens_per_s_vs_target"] = _ratio(row["tokens_per_s"], target["tokens_per_s"]) \
             if target else None

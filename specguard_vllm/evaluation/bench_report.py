@@ -37,8 +37,8 @@ def markdown_table(rows: list[dict]) -> str:
                 f"{_fmt(r['tokens_per_s_vs_target'], '.2f', suffix='x')} | "
                 f"{_fmt(r['tpot_s'], '.1f', 1000)} | {_fmt(r['step_acceptance'], '.1f', 100, '%')} | "
                 f"{_fmt(r['draft_token_share'], '.1f', 100, '%')} | "
-                f"{_fmt(r['scorer_overhead'], '.1f', 100, '%')} | {r['target_forwards']:.0f} | "
-                f"{r['draft_forwards']:.0f} | {_fmt(r['tokens_per_target_forward'], '.2f')} | "
+                f"{_fmt(r['scorer_overhead'], '.1f', 100, '%')} | {_fmt(r['target_forwards'], '.0f')} | "
+                f"{_fmt(r['draft_forwards'], '.0f')} | {_fmt(r['tokens_per_target_forward'], '.2f')} | "
                 f"{_fmt(r['tokens_per_target_forward_vs_sd'], '.2f', suffix='x')} | {speed} |")
         out.append("")
     return "\n".join(out)
