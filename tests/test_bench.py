@@ -192,14 +192,14 @@ def test_calibrated_config_runs_on_the_base_engine_and_refuses_other_k(tmp_path)
     config = load_config(CONFIG)
     tuned = config.model_copy(update={"specguard": config.specguard.model_copy(
         update={"tau": 0.42, "beta": 0.8})})
-    engines, configs = build_matrix(config, only=["calibrated"], calibrated=tuned)
+    engines, configs = build_matrix(config, only=["calibrated"], calibrated={"calibrated": tuned})
     assert [c.name for c in configs] == ["calibrated"]
     assert configs[0].overrides == {"tau": 0.42, "beta": 0.8}
     assert [e.key for e in engines] == [f"specguard-k{config.specguard.num_candidates}"]
     other_k = config.model_copy(update={"specguard": config.specguard.model_copy(
         update={"num_candidates": 1})})
     with pytest.raises(ValueError, match="num_candidates"):
-        build_matrix(config, calibrated=other_k)
+        build_matrix(config, calibrated={"calibrated-k1": other_k})
 
 
 def test_render_redoes_tables_and_plots_from_saved_rows(tmp_path):

@@ -32,6 +32,11 @@ EXIT_BAD_INPUT = 2
 SERVED = ("target", "sd", "specguard")  # and the other fallback: through `vllm serve` too
 
 
+def _calibrated_name(path: str) -> str:
+    stem = Path(path).name.split(".yaml")[0].split(".json")[0]
+    return stem.removeprefix("specguard.") or "calibrated"
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -240,7 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not os.path.isdir(args.target):
             raise ValueError(f"--target: no such model directory: {args.target}")
         only = [c.strip() for c in args.configs.split(",")] if args.configs else None
-        calibrated = load_config(args.calibrated) if args.calibrated else None
+        calibrated = {_calibrated_name(path): load_config(path) for path in args.calibrated or ()}
         engines, configs = build_matrix(config, quick=args.quick, only=only, calibrated=calibrated)
         items = load_items(args.dataset, n, split=args.split, seed=args.seed, path=args.data_path)
         k0 = config.specguard.num_candidates
@@ -317,8 +322,10 @@ def add_bench_command(subparsers) -> None:
     bench.add_argument("--quick", action="store_true",
                        help="target, sd, specguard and its other fallback only, fewer problems")
     bench.add_argument("--configs", help="comma-separated subset of configuration names")
-    bench.add_argument("--calibrated", help="a config from `specguard calibrate`: adds the "
-                       "configuration `calibrated` (its tau/beta/fallback as per-request overrides)")
+    bench.add_argument("--calibrated", action="append", metavar="CONFIG",
+                       help="a config from `specguard calibrate` (repeatable): adds a configuration "
+                       "named after the file (specguard.calibrated.yaml -> calibrated), its "
+                       "tau/beta/fallback as per-request overrides")
     bench.add_argument("--server", action="store_true",
                        help="also run target, sd and specguard through real `vllm serve` + OpenAI client")
     bench.add_argument("--concurrency", type=int, default=8, help="the N of the server runs")

@@ -63,15 +63,14 @@ def calibrated_config(base: SpecGuardConfig, other: SpecGuardConfig, name: str =
 
 
 def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str] | None = None,
-                 calibrated: SpecGuardConfig | None = None,
+                 calibrated: dict[str, SpecGuardConfig] | None = None,
                  ) -> tuple[list[EngineSpec], list[BenchConfig]]:
     """Engines and configurations for one bench run; ``only`` keeps the named ones.
 
-    ``calibrated``: a config written by `specguard calibrate` (same models and k), run as
-    one more configuration on the base engine.
+    ``calibrated``: configs written by `specguard calibrate` (same models and k), by name,
+    each run as one more configuration on the base engine.
     """
-    if calibrated is not None:
-        calibrated = _absolute_draft(calibrated)
+    calibrated = {name: _absolute_draft(c) for name, c in (calibrated or {}).items()}
     config = _absolute_draft(config)
     base = config.specguard
     k0 = base.num_candidates
@@ -101,8 +100,7 @@ def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str
                 for tau in TAU_SWEEP if tau != base.tau]
     if quick:
         configs = [c for c in configs if c.name in QUICK or c.group == "fallback"]
-    if calibrated is not None:
-        configs.append(calibrated_config(config, calibrated))
+    configs += [calibrated_config(config, other, name) for name, other in calibrated.items()]
     if only:
         unknown = sorted(set(only) - {c.name for c in configs})
         if unknown:

@@ -48,31 +48,65 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Annotate points, stacking the labels of points that sit close together."""
+    xs = [p[0] for p in points] or [0.0]
+    ys = [p[1] for p in points] or [0.0]
+    dx = (max(xs) - min(xs)) * 0.06 or 1.0
+    dy = (max(ys) - min(ys)) * 0.06 or 1.0
+    placed: list[tuple[float, float]] = []
+    for x, y, label in sorted(points):
+        crowd = sum(1 for px, py in placed if abs(px - x) < dx and abs(py - y) < dy)
+        placed.append((x, y))
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 3 + 9 * crowd),
+                    fontsize=7, arrowprops=None)
+
+
 def plot_accuracy_vs_latency(rows: list[dict], path: Path) -> Path:
+    """Offline rows: accuracy against latency and against committed tokens per target forward;
+    served rows: output tokens/s per configuration and concurrency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    offline = [r for r in rows if r["mode"] == "offline" and not math.isnan(r["accuracy"])]
+    served = [r for r in rows if r["mode"] != "offline"]
+    panels = 3 if served else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 5))
     for ax, x_key, label in (
-        (axes[0], "latency_s_per_problem", "latency per problem (s, this machine)"),
+        (axes[0], "latency_s_per_problem", "latency per problem (s, this machine, one at a time)"),
         (axes[1], "tokens_per_target_forward", "committed tokens per target forward"),
     ):
-        for r in rows:
-            x, y = r.get(x_key), r.get("accuracy")
-            if x is None or y is None or math.isnan(y):
+        points = []
+        for r in offline:
+            x, y = r.get(x_key), 100 * r["accuracy"]
+            if x is None:
                 continue
             low, high = r["accuracy_ci95"]
             colour = {"baseline": "tab:gray", "specguard": "tab:red"}.get(r["group"], "tab:blue")
-            ax.errorbar(x, 100 * y, yerr=[[100 * (y - low)], [100 * (high - y)]], fmt="o",
-                        color=colour, capsize=3, alpha=0.8)
-            ax.annotate(f"{r['config']} ({r['mode']})" if r["mode"] != "offline" else r["config"],
-                        (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.errorbar(x, y, yerr=[[y - 100 * low], [100 * high - y]], fmt="o", color=colour,
+                        capsize=3, alpha=0.7)
+            points.append((x, y, r["config"]))
+        _label_points(ax, points)
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy (%)")
+        ax.set_ylabel("accuracy (%, 95% CI)")
         ax.grid(alpha=0.3)
-    fig.suptitle("SpecGuard vs baselines: accuracy against latency and target work")
+    if served:
+        ax = axes[2]
+        modes = list(dict.fromkeys(r["mode"] for r in served))
+        configs = list(dict.fromkeys(r["config"] for r in served))
+        width = 0.8 / len(modes)
+        for m, mode in enumerate(modes):
+            values = [next((r["tokens_per_s"] or 0.0 for r in served
+                            if r["mode"] == mode and r["config"] == c), 0.0) for c in configs]
+            ax.bar([i + m * width for i in range(len(configs))], values, width, label=mode)
+        ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(configs))])
+        ax.set_xticklabels(configs, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("output tokens/s (vllm serve, this machine)")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("SpecGuard vs target-only and vLLM SD: accuracy, latency and target work")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

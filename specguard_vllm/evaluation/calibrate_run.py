@@ -274,6 +274,7 @@ def calibrate(*, config_path: str, target: str, split: str, n: int, goal: str,
     else:
         tmp = tempfile.TemporaryDirectory()
         log_path = Path(tmp.name) / "decisions.jsonl"
+    session = None
     try:
         t0 = time.perf_counter()
         session = open_session(target, config, problems, log_path=log_path,
@@ -302,8 +303,11 @@ def calibrate(*, config_path: str, target: str, split: str, n: int, goal: str,
         # 3. validate
         defaults, fitted = session.run([{"tau": PAPER_TAU, "beta": PAPER_BETA},
                                         {"tau": tau, "beta": beta}])
-        del session
     finally:
+        if session is not None:
+            from specguard_vllm.engine_trace import shutdown_llm
+
+            shutdown_llm(session.llm)
         if tmp is not None:
             tmp.cleanup()
 

@@ -101,6 +101,9 @@ def serve(spec: dict) -> int:
             "engine": _delta(_engine_totals(llm), before_engine),
             "specguard": _delta(_specguard_totals(llm), before_sg),
         })
+    from specguard_vllm.engine_trace import shutdown_llm
+
+    shutdown_llm(llm)
     return 0
 
 
