@@ -234,3 +234,25 @@ def test_labelled_delta_sums_over_other_labels():
              "specguard_steps_total": 9.0}
     assert _labelled_delta(before, after, "specguard_steps_total", 'decision="accepted"') == 3.0
     assert _labelled_delta(before, after, "specguard_steps_total", 'decision="rejected"') == 4.0
+
+
+@pytest.mark.slow
+def test_bench_against_a_running_server(tmp_path):
+    """`--server-url`: the configurations a running SpecGuard server can serve via vllm_xargs."""
+    from specguard_vllm.serving import vllm_server
+
+    out = tmp_path / "served.json"
+    with vllm_server(REPO / "models/tiny-target", "--speculative-config", str(CONFIG),
+                     "--served-model-name", "tiny", scratch_dir=tmp_path) as url:
+        result = subprocess.run(
+            [sys.executable, "-m", "specguard_vllm.cli", "bench", "--server-url", url,
+             "--skip-offline", "--n", "2", "--concurrency", "2", "--configs", "specguard,lpbv-only",
+             "--json", str(out), "--out-dir", str(tmp_path / "out"), "--no-plots"],
+            capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert sorted((r["config"], r["mode"]) for r in rows) == sorted(
+        (c, m) for c in ("specguard", "lpbv-only") for m in ("server-c1", "server-c2"))
+    for row in rows:
+        assert row["n"] == 2 and row["errors"] == 0
+        assert row["step_acceptance"] is not None and row["target_forwards"] is None
