@@ -7,15 +7,13 @@ the same rules as the reference decoder.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 from specguard_vllm.config import SpecGuardConfig
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.trace_records import step_records
+from specguard_vllm.trace_records import read_decision_log, request_key, step_records
 from specguard_vllm.vllm_env import vllm_process_env
 
 
@@ -71,11 +69,7 @@ def trace_with_vllm(target: str, config: SpecGuardConfig, prompts_ids: list[list
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=seed)
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts_ids], params,
                                use_tqdm=False)
-        decisions = defaultdict(list)
-        if log_path.exists():
-            for line in log_path.read_text().splitlines():
-                entry = json.loads(line)
-                decisions[entry["req_id"].split("-", 1)[0]].append(entry)
+        decisions = read_decision_log(log_path)
         shutdown_llm(llm)
         del llm
     segmenter = StepSegmenter.from_tokenizer(tokenizer, config.specguard.step_delimiters)
@@ -86,8 +80,8 @@ def trace_with_vllm(target: str, config: SpecGuardConfig, prompts_ids: list[list
     results = []
     for output in outputs:
         generated = list(output.outputs[0].token_ids)
-        key = str(output.request_id).split("-", 1)[0]
-        steps = step_records(len(output.prompt_token_ids), generated, decisions.get(key, []),
+        steps = step_records(len(output.prompt_token_ids), generated,
+                             decisions.get(request_key(output.request_id), []),
                              segmenter, decode, default_source="draft" if mode == "draft" else "target")
         results.append({"text": decode(generated), "steps": steps})
     return results

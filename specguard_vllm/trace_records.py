@@ -7,10 +7,38 @@ so `specguard trace` prints one format whichever engine ran.
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+from pathlib import Path
 from typing import Callable, Sequence
 
 from specguard_vllm.core.decision import StepDecision
 from specguard_vllm.core.steps import StepSegmenter
+
+
+def request_key(req_id) -> str:
+    """The part of a vLLM request id that the output and the worker's log share."""
+    return str(req_id).split("-", 1)[0]
+
+
+def is_step(entry: dict) -> bool:
+    """A judged step (``kind`` "step", or a log written before ``kind`` existed); rows of
+    kind "token" (a rejected step finished token-level) carry no scores or decision."""
+    return entry.get("kind", "step") == "step"
+
+
+def read_decision_log(path: str | Path, *, steps_only: bool = False) -> dict[str, list[dict]]:
+    """The worker's decision log (``SPECGUARD_DECISION_LOG``) grouped by request key, in the
+    order written; ``steps_only`` keeps judged steps."""
+    grouped: dict[str, list[dict]] = defaultdict(list)
+    file = Path(path)
+    if file.exists():
+        for line in file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                if not steps_only or is_step(entry):
+                    grouped[request_key(entry["req_id"])].append(entry)
+    return grouped
 
 
 def step_records(

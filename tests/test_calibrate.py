@@ -320,7 +320,8 @@ def test_label_steps_grades_lines_against_the_committed_prefix(tiny_tokenizer):
 
 
 def test_decision_log_keeps_judged_steps_only(tmp_path):
-    from specguard_vllm.evaluation.calibrate_run import read_decision_log, step_ids
+    from specguard_vllm.evaluation.calibrate_run import step_ids
+    from specguard_vllm.trace_records import read_decision_log
 
     log = tmp_path / "log.jsonl"
     rows = [{"kind": "step", "req_id": "3-ab", "context_len": 5, "drafted": [1, 2, 3],
@@ -329,7 +330,7 @@ def test_decision_log_keeps_judged_steps_only(tmp_path):
             {"req_id": "4-cd", "context_len": 5, "drafted": [7, 8], "lpbv": -2.0, "abgv": 0.1,
              "score": 0.3, "accepted": False}]
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    grouped = read_decision_log(log)
+    grouped = read_decision_log(log, steps_only=True)
     assert sorted(grouped) == ["3", "4"] and len(grouped["3"]) == 1
     assert step_ids(grouped["3"][0]) == [1, 2] and step_ids(grouped["4"][0]) == [7, 8]
 

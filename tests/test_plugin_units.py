@@ -156,3 +156,22 @@ def test_speculative_fallback_verifies_token_level_until_the_step_ends():
     steps.after_sampling("r", [1, 2, 0], verified="token")    # the step ends, bonus opens the next
     state = steps.get("r")
     assert not state.token_level and state.open_step == [0]
+
+
+def test_speculative_drafts_keep_the_tail_and_remember_the_step_length():
+    steps = table()
+    steps.after_sampling("r", [0], verified=None)
+    # The row runs past the step's end; only the step part is judged, and EOS cuts the row.
+    assert steps.truncate_draft("r", [1, 2, 0, 1, 3, 0], keep_tail=True) == [1, 2, 0, 1, 3]
+    assert steps.get("r").draft_step_len == 2
+    # Accepted step of 2 tokens, then the kept tail [0] and the target's token 1.
+    steps.after_sampling("r", [1, 2, 0, 1], verified=True, step_len=2)
+    state = steps.get("r")
+    assert state.open_step == [0, 1] and not state.token_level
+    # Finishing a rejected step token-level: nothing in the row is a step.
+    steps.after_sampling("r", [1], verified="token")
+    assert steps.truncate_draft("r", [0, 2, 1], keep_tail=True) == [0, 2, 1]
+    assert steps.get("r").draft_step_len == 0
+    # Without keep_tail the old cut applies and no step length is kept.
+    assert steps.truncate_draft("r", [0, 2, 1]) == [0, 2]
+    assert steps.get("r").draft_step_len is None

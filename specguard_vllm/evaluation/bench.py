@@ -174,14 +174,29 @@ def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig
     return rows
 
 
+def _title(meta: dict) -> str:
+    return (f"specguard bench: {meta['dataset']} ({meta['n']} problems), target "
+            f"{meta['target']}, {meta['machine']}")
+
+
+def _report(rows: list[dict], out_dir: Path, *, plots: bool, meta: dict | None,
+            json_path: str | None) -> None:
+    """bench.md, the plots and the JSON rows; the table and the written paths on stdout."""
+    from specguard_vllm.evaluation.bench_report import markdown_table, write_report
+
+    written = write_report(rows, out_dir, plots=plots, title=_title(meta) if meta else "")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        written.append(Path(json_path))
+    print()
+    print(markdown_table(rows))
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+
+
 def _write_outputs(rows, results, args, meta) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from specguard_vllm.evaluation.bench_report import markdown_table, write_report
-
-    title = (f"specguard bench: {meta['dataset']} ({meta['n']} problems), target "
-             f"{meta['target']}, {meta['machine']}")
-    written = write_report(rows, out_dir, plots=not args.no_plots, title=title)
     with open(out_dir / "problems.jsonl", "w", encoding="utf-8") as fh:
         for config, rs in results.items():
             for r in rs:
@@ -191,19 +206,11 @@ def _write_outputs(rows, results, args, meta) -> None:
                                      "draft_forwards": r.draft_forwards, "error": r.error,
                                      "text": r.text}) + "\n")
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-        written.append(Path(args.json))
-    print()
-    print(markdown_table(rows))
-    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    _report(rows, out_dir, plots=not args.no_plots, meta=meta, json_path=args.json)
 
 
 def _render(args: argparse.Namespace) -> int:
     """Tables and plots again from a saved ``--json`` (figures recomputed, nothing re-measured)."""
-    from specguard_vllm.evaluation.bench_report import markdown_table, write_report
-
     try:
         rows = json.loads(Path(args.render).read_text())
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "config" in r for r in rows):
@@ -215,15 +222,9 @@ def _render(args: argparse.Namespace) -> int:
         if row["mode"] != "offline":  # older files: no per-request counts for served rows
             row["target_forwards"] = row["draft_forwards"] = row["tokens_per_target_forward"] = None
     add_comparisons(rows)
-    meta = Path(args.render).with_name("meta.json")
-    title = ""
-    if meta.exists():
-        m = json.loads(meta.read_text())
-        title = f"specguard bench: {m['dataset']} ({m['n']} problems), target {m['target']}, {m['machine']}"
-    written = write_report(rows, Path(args.out_dir), plots=not args.no_plots, title=title)
-    Path(args.render).write_text(json.dumps(rows, indent=2) + "\n")
-    print(markdown_table(rows))
-    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    meta_path = Path(args.render).with_name("meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    _report(rows, Path(args.out_dir), plots=not args.no_plots, meta=meta, json_path=args.render)
     return 0
 
 

@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from specguard_vllm.evaluation.calibrate import (
     target_only_accuracy,
     write_calibrated_config,
 )
+from specguard_vllm.trace_records import read_decision_log, request_key
 
 EXIT_BAD_INPUT = 2
 DEFAULT_CONFIG = "configs/specguard.yaml"
@@ -53,29 +54,6 @@ class BadArguments(ValueError):
 
 
 # --------------------------------------------------------------------------- labelling
-def _req_key(req_id: str) -> str:
-    return str(req_id).split("-", 1)[0]
-
-
-def is_step(entry: dict) -> bool:
-    """A judged step (``kind`` "step", or a log written before ``kind`` existed); rows of
-    kind "token" (a rejected step finished token-level) carry no scores or decision."""
-    return entry.get("kind", "step") == "step"
-
-
-def read_decision_log(path: str | Path) -> dict[str, list[dict]]:
-    """Judged-step log entries grouped by request key, in the order they were written."""
-    grouped: dict[str, list[dict]] = defaultdict(list)
-    file = Path(path)
-    if file.exists():
-        for line in file.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                if is_step(entry):
-                    grouped[_req_key(entry["req_id"])].append(entry)
-    return grouped
-
-
 def step_ids(entry: dict) -> list[int]:
     """The step's own tokens: ``drafted[:step_len]`` when the log has ``step_len``."""
     drafted = list(entry["drafted"])
@@ -208,7 +186,7 @@ class Session:
         started = time.perf_counter()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         seconds = time.perf_counter() - started
-        log = read_decision_log(self.log_path)
+        log = read_decision_log(self.log_path, steps_only=True)
         results = []
         n = len(self.prompts)
         for g in range(len(overrides)):
@@ -217,7 +195,7 @@ class Session:
             for problem, out in zip(self.problems, chunk):
                 gen = list(out.outputs[0].token_ids)
                 text = self.decode(gen)
-                key = _req_key(out.request_id)
+                key = request_key(out.request_id)
                 texts.append(text)
                 correct.append(bool(grade_solution(problem, text).correct))
                 entries.append(list(log.get(key, [])))

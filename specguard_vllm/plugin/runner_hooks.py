@@ -162,10 +162,9 @@ def truncate_drafts(runner, drafts):
     req_ids = runner.input_batch.req_ids[:num_reqs]
     rows = drafts.tolist()
     base = state.config.specguard
-    eos = state.segmenter.eos_token_ids
     return [state.steps.truncate_draft(
-        req_id, row, keep_tail=request_params(runner, req_id, base).fallback == "speculative",
-        eos_ids=eos) for req_id, row in zip(req_ids, rows)]
+        req_id, row, keep_tail=request_params(runner, req_id, base).fallback == "speculative")
+        for req_id, row in zip(req_ids, rows)]
 
 
 def on_update_states(runner, scheduler_output) -> None:

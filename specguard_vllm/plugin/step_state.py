@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specguard_vllm.config import SpecGuardParams
 from specguard_vllm.core.steps import StepSegmenter
 
 
@@ -23,6 +24,7 @@ class RequestSteps:
     token_level: bool = False  # fallback "speculative": token-level SD until the step ends
     open_step: list[int] = field(default_factory=list)  # committed tokens of the unfinished step
     draft_step_len: int | None = None  # tokens of the last drafted row that form the step
+    params: SpecGuardParams | None = None  # the request's knobs (request_params keeps them)
 
 
 class StepStateTable:
@@ -84,8 +86,7 @@ class StepStateTable:
             state.regenerating = True
             self._push_target_token(state, tokens[0])
 
-    def truncate_draft(self, req_id: str, draft: list[int], keep_tail: bool = False,
-                       eos_ids: frozenset[int] = frozenset()) -> list[int]:
+    def truncate_draft(self, req_id: str, draft: list[int], keep_tail: bool = False) -> list[int]:
         """The proposed step, cut after its delimiter; [] while regenerating.
 
         ``keep_tail`` (fallback ``speculative``): keep the draft past the step's end, up to
@@ -101,9 +102,9 @@ class StepStateTable:
             state.draft_step_len = None
             return draft if end is None else draft[:end]
         for i, token in enumerate(draft):
-            if token in eos_ids:
+            if token in self.segmenter.eos_token_ids:
                 draft = draft[: i + 1]
                 break
-        state.draft_step_len = 0 if state.token_level else min(
-            len(draft), len(draft) if end is None else end)
+        # EOS ends a step too, so ``end`` never passes the cut above.
+        state.draft_step_len = 0 if state.token_level else (len(draft) if end is None else end)
         return draft

@@ -69,17 +69,16 @@ class SpecGuardRejectionSampler(RejectionSampler):
         self.decision_log = os.environ.get("SPECGUARD_DECISION_LOG") or None
 
     # ---------------------------------------------------------------- per request
-    def _request_params(self, num_rows: int):
+    def _request_params(self, req_ids: list[str]):
         """tau and beta per row, with validated ``vllm_xargs`` overrides."""
         base = self.specguard.specguard
         taus, betas, speculative = [], [], []
-        req_ids = self.runner.input_batch.req_ids[:num_rows]
         for req_id in req_ids:
             params = request_params(self.runner, req_id, base)
             taus.append(params.tau)
             betas.append(params.beta)
             speculative.append(params.fallback == "speculative")
-        return list(req_ids), taus, betas, speculative
+        return taus, betas, speculative
 
     def _in_token_level_mode(self, req_ids: list[str]) -> list[bool]:
         state = getattr(self.runner, "_specguard", None)
@@ -125,6 +124,15 @@ class SpecGuardRejectionSampler(RejectionSampler):
         return torch.tensor(g_min, dtype=torch.float32, device=device)
 
     # ---------------------------------------------------------------- forward
+    @staticmethod
+    def _step_positions(num_drafts: list[int], step_lens: list[int], rows, device) -> torch.Tensor:
+        """Indices into the flat draft-token arrays of the step positions of ``rows``."""
+        starts = [0]
+        for n in num_drafts[:-1]:
+            starts.append(starts[-1] + n)
+        flat = [starts[i] + j for i in rows for j in range(step_lens[i])]
+        return torch.tensor(flat, dtype=torch.int64, device=device)
+
     def _step_min_logprob(self, metadata, logits, step_lens: list[int], device) -> torch.Tensor:
         """LPBV per row over its step's positions only, in one pass over the vocabulary
         (kernels.dispatch: fused Triton kernel on CUDA)."""
@@ -132,11 +140,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         rows = metadata.target_logits_indices
         token_ids = metadata.draft_token_ids
         if list(step_lens) != list(n_list):  # some rows carry a tail: keep step positions
-            starts = [0]
-            for n in n_list[:-1]:
-                starts.append(starts[-1] + n)
-            keep = [s + j for s, m in zip(starts, step_lens) for j in range(m)]
-            index = torch.tensor(keep, dtype=torch.int64, device=device)
+            index = self._step_positions(list(n_list), step_lens, range(len(n_list)), device)
             rows, token_ids = rows[index], token_ids[index]
         lengths = torch.tensor(step_lens, dtype=torch.int64, device=device)
         cu = torch.zeros(len(step_lens) + 1, dtype=torch.int64, device=device)
@@ -151,11 +155,8 @@ class SpecGuardRejectionSampler(RejectionSampler):
         vLLM's rejection sampler then keeps those steps with probability 1 (greedy or not)
         and judges only the tails after them, token by token.
         """
-        starts = [0]
-        for n in metadata.num_draft_tokens[:-1]:
-            starts.append(starts[-1] + n)
-        flat = [starts[i] + j for i in rows for j in range(step_lens[i])]
-        index = torch.tensor(flat, dtype=torch.int64, device=logits.device)
+        index = self._step_positions(list(metadata.num_draft_tokens), step_lens, rows,
+                                     logits.device)
         positions = metadata.target_logits_indices[index]
         tokens = metadata.draft_token_ids[index].to(torch.int64)
         forced = logits.clone()
@@ -179,7 +180,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         has_step = num_drafts > 0
         l_min = self._step_min_logprob(metadata, logits, step_lens, device)
 
-        req_ids, taus, betas, speculative = self._request_params(num_rows)
+        taus, betas, speculative = self._request_params(req_ids)
         score, accepted = decide_steps(
             l_min, g_min, tau=torch.tensor(taus, device=device), beta=torch.tensor(betas, device=device),
             lpbv_floor=self.specguard.specguard.lpbv_floor)
