@@ -45,7 +45,7 @@ def variants(arch: int, full: bool):
     from kernels import step_grounding as sg
 
     f32 = {n: "fp32" for n in ("m_ptr", "l_ptr", "lse_ptr", "sums_ptr", "bk_ptr", "ba_ptr",
-                                "pm_ptr", "blk_ptr", "out_ptr", "lp_ptr")}
+                                "pm_ptr", "blk_ptr", "lp_ptr", "min_ptr")}
     for dt in DTYPES if (full or arch == 90) else ("bf16",):
         io = dict(f32, q_ptr=dt, k_ptr=dt)
         # step 8 with GQA 4 (Llama-3-8B-like) and step 32 with GQA 8 (the largest tile).
@@ -53,16 +53,13 @@ def variants(arch: int, full: bool):
             rows = n_pad * g_pad
             block_n = max(16, min(128, 8192 // rows))
             warps = 4 if rows * block_n <= 8192 and rows <= 64 else 8
-            ce = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=128, BLOCK_N=block_n, UPCAST=False)
+            ce = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=128, BLOCK_N=block_n, S_BLOCK=sg.S_BLOCK,
+                      UPCAST=False)
             yield (f"grounding_pass1[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass1, io, ce, warps)
-            yield (f"grounding_pass2[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass2, io, ce, warps)
-        yield (f"token_logprob[{dt}]", ml._token_logprob_kernel,
-               dict(logits_ptr=dt, out_ptr="fp32"), dict(HAS_ROWS=True, BLOCK_V=2048), 8)
-    yield ("grounding_combine", sg._grounding_combine, f32,
-           dict(H_PAD=32, S_PAD=64, BLOCK_N=64), 4)
-    yield ("grounding_finalize", sg._grounding_finalize, f32,
-           dict(S_PAD=64, MS_PAD=32, BLOCK_N=64), 4)
-    yield ("segment_min", ml._segment_min_kernel, f32, dict(N_PAD=32), 4)
+            yield (f"grounding_pass2[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass2, io,
+                   dict(ce, MS_PAD=n_pad), warps)
+        yield (f"step_logprob[{dt}]", ml._step_logprob_kernel,
+               dict(f32, logits_ptr=dt), dict(HAS_ROWS=True, BLOCK_V=2048, N_PAD=32), 8)
 
 
 def compile_all(targets: list[tuple[str, int, int]], full: bool = False) -> list[str]:

@@ -69,13 +69,18 @@ def step_min_logprob(
     rows: torch.Tensor | None = None,
     token_logprobs: torch.Tensor | None = None,
     min_logprob: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(token_logprobs [T], min_logprob [B])``: log p(draft token) and each step's minimum."""
+    """``(token_logprobs [T], min_logprob [B])``: log p(draft token) and each step's minimum.
+
+    ``counters`` (int32 zeros, one per step) is the kernel's static arrival counter,
+    for callers that capture it in a CUDA graph; the reference ignores it.
+    """
     if use_triton(logits):
         from kernels.min_logprob import step_min_logprob_triton
 
         return step_min_logprob_triton(
             logits, token_ids, cu_num_tokens, max_step_len=max_step_len, rows=rows,
-            token_logprobs=token_logprobs, min_logprob=min_logprob)
+            token_logprobs=token_logprobs, min_logprob=min_logprob, counters=counters)
     return step_min_logprob_ref(logits, token_ids, cu_num_tokens, rows=rows,
                                 token_logprobs=token_logprobs, min_logprob=min_logprob)

@@ -52,11 +52,55 @@ def check_grounding() -> int:
     return failures
 
 
-def check_cuda_graph() -> int:
-    """Capture once; replay after writing other lengths, steps and queries into the static inputs."""
+def check_arrival_ordering(repeats: int = 40) -> int:
+    """Many chunks per request, run again and again on one workspace.
+
+    The last chunk of a request to finish merges the others' partial results
+    (``arrive_last``); a memory-ordering bug there shows as an occasional wrong
+    row, which the interpreter cannot reveal. Every repeat is checked.
+    """
     from kernels.step_grounding import step_grounding_stats_triton
     from kernels.step_grounding_ref import step_grounding_stats_ref
     from kernels.testing import make_grounding_case
+    from kernels.workspace import GroundingWorkspace
+
+    failures, worst = 0, 0.0
+    for steps, ctxs, splits, block_n in (([8], [32760], None, None),
+                                         ([3, 8, 1], [9000, 4000, 20000], 300, 16)):
+        case = make_grounding_case(steps, ctxs, num_heads=32, num_kv_heads=8, head_dim=128,
+                                   dtype=torch.bfloat16, device="cuda", max_step_len=8, seed=21)
+        ws = GroundingWorkspace.allocate(len(steps) * 8, 32, 8, max_splits=splits or 512,
+                                         device="cuda", max_batch=len(steps))
+        kw = dict(scale=case.scale, sparsity=0.01, max_step_len=8, query_start=case.query_start)
+        args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
+        pr, br = step_grounding_stats_ref(*args, **kw)
+        t = case.num_step_tokens
+        bad = 0
+        for _ in range(repeats):
+            ws.prefix_mass.fill_(float("nan"))
+            pm, blk = step_grounding_stats_triton(*args, workspace=ws, num_splits=splits,
+                                                  block_n=block_n, **kw)
+            err = max((pm[:t] - pr).abs().max().item(), (blk[:t] - br).abs().max().item())
+            worst = max(worst, err)
+            bad += not err < 1e-3
+        left = int(ws.counters.abs().sum())
+        failures += bad + (left != 0)
+        print(f"arrival ordering (steps {steps}, ctx {ctxs}, splits {splits or 'default'}): "
+              f"{repeats} repeats, {bad} wrong, counters left {left}")
+    print(f"arrival ordering: worst abs err {worst:.2e}, {failures} failures")
+    return failures
+
+
+def check_cuda_graph() -> int:
+    """Capture once; replay after writing other lengths, steps and queries into the static inputs.
+
+    Both scorer kernels are in the graph, with their static arrival counters.
+    """
+    from kernels.min_logprob import step_min_logprob_triton
+    from kernels.min_logprob_ref import step_min_logprob_ref
+    from kernels.step_grounding import step_grounding_stats_triton
+    from kernels.step_grounding_ref import step_grounding_stats_ref
+    from kernels.testing import make_grounding_case, make_logits_case
     from kernels.workspace import GroundingWorkspace
 
     case = make_grounding_case([4, 4, 4], [500, 2000, 3000], num_heads=8, num_kv_heads=2,
@@ -64,17 +108,28 @@ def check_cuda_graph() -> int:
                                seed=11)
     q, table = case.query, case.block_table
     seq_lens, cu, q0 = case.seq_lens.clone(), case.cu_step_lens.clone(), case.query_start.clone()
-    ws = GroundingWorkspace.allocate(q.shape[0], 8, 4, device="cuda")
+    ws = GroundingWorkspace.allocate(q.shape[0], 8, 4, device="cuda", max_batch=3)
     kw = dict(scale=case.scale, sparsity=0.01, max_step_len=4, query_start=q0, workspace=ws)
     args = (q, case.k_view, table, seq_lens, cu)
+    logits, tokens, _, rows = make_logits_case([4, 4, 4], 32000, dtype=torch.bfloat16,
+                                               device="cuda", seed=12)
+    counters = torch.zeros(3, dtype=torch.int32, device="cuda")
+    lp_out = torch.empty(12, device="cuda")
+    min_out = torch.empty(3, device="cuda")
+
+    def scorer():
+        step_grounding_stats_triton(*args, **kw)
+        step_min_logprob_triton(logits, tokens, cu, max_step_len=4, rows=rows,
+                                token_logprobs=lp_out, min_logprob=min_out, counters=counters)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile outside the capture
-        step_grounding_stats_triton(*args, **kw)
+        scorer()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step_grounding_stats_triton(*args, **kw)
+        scorer()
     failures = 0
     # Shorter contexts (prefixes of the same blocks), other step lengths (one empty), new queries.
     for lens, steps in (([504, 2004, 3004], [4, 4, 4]), ([1200, 7, 2999], [2, 0, 3])):
@@ -82,15 +137,19 @@ def check_cuda_graph() -> int:
         cu.copy_(torch.tensor([0, *torch.tensor(steps).cumsum(0).tolist()]))
         q0.copy_(cu[:-1])
         q.copy_(torch.randn_like(q) * 2)
+        logits.copy_(torch.randn_like(logits) * 3)
         ws.prefix_mass.fill_(float("nan"))
+        min_out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         pr, br = step_grounding_stats_ref(*args, scale=case.scale, sparsity=0.01, max_step_len=4,
                                           query_start=q0)
         t = int(cu[-1])
+        _, want_min = step_min_logprob_ref(logits, tokens[:t], cu, rows=rows[:t])
         err = max((ws.prefix_mass[:t] - pr).abs().max().item(),
-                  (ws.block[:t] - br).abs().max().item())
-        ok = err < 1e-3
+                  (ws.block[:t] - br).abs().max().item(),
+                  (min_out - want_min).abs().max().item())
+        ok = err < 1e-3 and int(counters.abs().sum()) == 0
         failures += not ok
         print(f"cuda graph replay (seq_lens {lens}, steps {steps}): max err {err:.2e} "
               f"{'ok' if ok else 'FAIL'}")
@@ -130,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}")
     t0 = time.time()
-    failures = check_grounding() + check_min_logprob() + check_cuda_graph()
+    failures = (check_grounding() + check_min_logprob() + check_arrival_ordering()
+                + check_cuda_graph())
     print(f"checks: {failures} failures ({time.time() - t0:.0f} s)", flush=True)
     from benchmarks.kernels import main as bench
 

@@ -1,10 +1,10 @@
 """Fused min-logprob of a step: no [tokens x vocab] log-softmax is ever written.
 
-``_token_logprob_kernel`` (one program per draft position) streams the row of
-logits once, keeping a running max and rescaled sum per lane (an online
-logsumexp), and subtracts it from the draft token's logit.
-``_segment_min_kernel`` (one program per request) takes the minimum over the
-request's positions ``cu[b]:cu[b+1]``. Rows can be picked through ``rows``
+``_step_logprob_kernel`` (grid steps x max_step_len, one program per draft
+position) streams the row of logits once, keeping a running max and rescaled
+sum per lane (an online logsumexp), and subtracts it from the draft token's
+logit. The step's last position to finish (an arrival counter) takes the
+minimum over ``cu[b]:cu[b+1]``: one launch in all. Rows can be picked through ``rows``
 (vLLM's ``target_logits_indices``) so the logits need not be gathered first.
 """
 
@@ -14,14 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.step_grounding import LOG2E_C, SUPPORTED_DTYPES, interpreting
+from kernels.step_grounding import LOG2E_C, SUPPORTED_DTYPES, arrive_last, interpreting
 from kernels.workspace import next_pow2
 
 
 @triton.jit
-def _token_logprob_kernel(logits_ptr, rows_ptr, tok_ptr, out_ptr, vocab, s_lr,
-                          HAS_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
-    t = tl.program_id(0)
+def _step_logprob_kernel(logits_ptr, rows_ptr, tok_ptr, cu_ptr, lp_ptr, min_ptr, cnt_ptr,
+                         vocab, s_lr, HAS_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+                         N_PAD: tl.constexpr):
+    """log p of position j of step b; the step's last position to finish takes the minimum."""
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    start = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - start
+    if (j == 0) & (n <= 0):
+        tl.store(min_ptr + b, 0.0)  # an empty step: finite, and never judged
+    if j >= n:
+        return
+    t = start + j
     if HAS_ROWS:
         row = tl.load(rows_ptr + t).to(tl.int64)
     else:
@@ -42,17 +52,11 @@ def _token_logprob_kernel(logits_ptr, rows_ptr, tok_ptr, out_ptr, vocab, s_lr,
     lse = (mx + tl.log2(tl.sum(s * tl.exp2(m - mx), 0))) / LOG2E_C
     tok = tl.load(tok_ptr + t).to(tl.int64)
     x_tok = tl.load(base + tok, mask=(tok >= 0) & (tok < vocab), other=float("-inf"))
-    tl.store(out_ptr + t, x_tok.to(tl.float32) - lse)
-
-
-@triton.jit
-def _segment_min_kernel(lp_ptr, cu_ptr, out_ptr, N_PAD: tl.constexpr):
-    b = tl.program_id(0)
-    start = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - start
-    j = tl.arange(0, N_PAD)
-    x = tl.load(lp_ptr + start + j, mask=j < n, other=float("inf"))
-    tl.store(out_ptr + b, tl.where(n > 0, tl.min(x, 0), 0.0))
+    tl.store(lp_ptr + t, x_tok.to(tl.float32) - lse)
+    if arrive_last(cnt_ptr + b, n):
+        k = tl.arange(0, N_PAD)
+        x = tl.load(lp_ptr + start + k, mask=k < n, other=float("inf"), cache_modifier=".cg")
+        tl.store(min_ptr + b, tl.min(x, 0))
 
 
 def step_min_logprob_triton(
@@ -64,12 +68,14 @@ def step_min_logprob_triton(
     rows: torch.Tensor | None = None,
     token_logprobs: torch.Tensor | None = None,
     min_logprob: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch both kernels; same contract as ``min_logprob_ref.step_min_logprob_ref``.
+    """One launch; same contract as ``min_logprob_ref.step_min_logprob_ref``.
 
-    ``max_step_len`` bounds ``cu[b+1] - cu[b]`` (it sizes the min's tile). No
-    host synchronisation: graph-capturable with static output buffers.
+    ``max_step_len`` bounds ``cu[b+1] - cu[b]`` (it sizes the grid and the min's
+    tile). No host synchronisation: graph-capturable with static output buffers
+    and ``counters`` (int32 zeros, one per step; the kernel leaves them at zero).
     """
     if logits.dim() != 2 or (logits.stride(1) != 1 and logits.shape[1] > 1):
         raise ValueError(f"logits must be [rows, vocab] with unit stride over the vocabulary; "
@@ -90,13 +96,16 @@ def step_min_logprob_triton(
         min_logprob = torch.empty(num_steps, dtype=torch.float32, device=logits.device)
     if token_logprobs.numel() < num_tokens or min_logprob.numel() < num_steps:
         raise ValueError("output buffers are smaller than the batch")
+    if counters is None:
+        counters = torch.zeros(num_steps, dtype=torch.int32, device=logits.device)
+    if counters.numel() < num_steps or counters.dtype != torch.int32:
+        raise ValueError("counters must be int32 zeros with one slot per step")
     vocab = logits.shape[1]
     block_v = block_v or (min(next_pow2(vocab), 16384) if interpreting() else 2048)
-    if num_tokens:
-        _token_logprob_kernel[(num_tokens,)](
-            logits, rows if rows is not None else token_ids, token_ids, token_logprobs,
-            vocab, logits.stride(0), HAS_ROWS=rows is not None, BLOCK_V=block_v, num_warps=8)
     if num_steps:
-        _segment_min_kernel[(num_steps,)](token_logprobs, cu_num_tokens, min_logprob,
-                                          N_PAD=next_pow2(max(max_step_len, 1)))
+        _step_logprob_kernel[(num_steps, max(1, max_step_len))](
+            logits, rows if rows is not None else token_ids, token_ids, cu_num_tokens,
+            token_logprobs, min_logprob, counters, vocab, logits.stride(0),
+            HAS_ROWS=rows is not None, BLOCK_V=block_v, N_PAD=next_pow2(max(max_step_len, 1)),
+            num_warps=8)
     return token_logprobs, min_logprob

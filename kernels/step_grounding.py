@@ -10,12 +10,19 @@ Hence two passes over the keys:
 1. ``_grounding_pass1`` (grid B x kv_heads x splits): each program owns one
    kv head and one chunk of the context and keeps an online max / sum for the
    ``n x group`` query rows of that kv head (one ``tl.dot`` per key tile).
-   ``_grounding_combine`` merges the chunks into ``lse`` per (row, head).
+   The last chunk of a (request, kv head) to finish merges the chunks into
+   ``lse`` per (row, head).
 2. ``_grounding_pass2`` (grid B x splits): each program walks its chunk tile by
    tile, loops over the kv heads, sums ``exp2(s - lse)`` over the heads into the
    tile's head average, thresholds it and accumulates four row sums (kept and
    unsparsified mass, on the prefix and in total); the columns of the step's own
-   keys go to scratch. ``_grounding_finalize`` adds the splits and renormalises.
+   keys go to scratch. The request's last chunk to finish adds the splits and
+   renormalises.
+
+"Last to finish" is an arrival counter per (request, kv head) / request in the
+workspace (``arrive_last``): two launches per layer instead of four, which
+matters because the plugin runs them eagerly (PIECEWISE graphs), where each
+launch costs host time.
 
 The context is split into ``num_splits`` chunks *at run time* (chunk =
 ceil(seq_len / num_splits), rounded to the tile), so the grid depends only on
@@ -40,6 +47,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Globals a @triton.jit body reads must be tl.constexpr (the interpreter does not check this).
 LOG2E_C = tl.constexpr(LOG2E)
 FLOAT_TINY_C = tl.constexpr(FLOAT_TINY)
+S_BLOCK = 32  # splits merged per step of the last program's loop
 
 
 def interpreting() -> bool:
@@ -82,13 +90,28 @@ def _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST: tl
 
 
 @triton.jit
+def arrive_last(counter_ptr, expected):
+    """True in the one program of ``expected`` that arrives last; it re-arms the counter.
+
+    The barrier orders this program's stores before its release; the acquire makes
+    the other programs' stores visible to the last one (loads use ``.cg``, past L1).
+    """
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = done == expected - 1
+    tl.atomic_xchg(counter_ptr, 0, mask=last, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
 def _grounding_pass1(
-    q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, m_ptr, l_ptr,
-    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_mt, s_mh,
-    scale_log2, page_size, group, head_dim, num_splits,
+    q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, m_ptr, l_ptr, lse_ptr, cnt_ptr,
+    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_mt, s_mh, s_lt,
+    scale_log2, page_size, group, num_kv_heads, head_dim, num_splits,
     N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Online (max, sum) of one chunk; the last chunk of (request, kv head) merges them into lse."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,48 +143,39 @@ def _grounding_pass1(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
         m_i = m_new
-    out = (row0 + i).to(tl.int64) * s_mt + head * s_mh + split
-    tl.store(m_ptr + out, m_i, mask=row_ok)
-    tl.store(l_ptr + out, l_i, mask=row_ok)
-
-
-@triton.jit
-def _grounding_combine(
-    m_ptr, l_ptr, lse_ptr, seq_lens_ptr, cu_ptr, s_mt, s_mh, s_lt,
-    num_heads, num_splits,
-    H_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Merge the chunks' (max, sum) into one log2-normaliser per (row, head)."""
-    b = tl.program_id(0)
-    i = tl.program_id(1)
-    row0 = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - row0
-    if i >= n:
-        return
-    seq_len = tl.load(seq_lens_ptr + b)
-    chunk, start, end = _split_range(seq_len, 0, num_splits, BLOCK_N)
+    part = (row0 + i).to(tl.int64) * s_mt + head * s_mh
+    tl.store(m_ptr + part + split, m_i, mask=row_ok)
+    tl.store(l_ptr + part + split, l_i, mask=row_ok)
     active = tl.cdiv(seq_len, chunk)
-    h = tl.arange(0, H_PAD)
-    sp = tl.arange(0, S_PAD)
-    ok = (h < num_heads)[:, None] & (sp < active)[None, :]
-    off = (row0 + i).to(tl.int64) * s_mt + h[:, None] * s_mh + sp[None, :]
-    m = tl.load(m_ptr + off, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + off, mask=ok, other=0.0)
-    mx = tl.max(m, 1)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    total = tl.sum(l * tl.exp2(m - mx[:, None]), 1)
-    total = tl.where(h < num_heads, total, 1.0)  # padded heads: no log2(0)
-    tl.store(lse_ptr + (row0 + i).to(tl.int64) * s_lt + h, mx + tl.log2(total), mask=h < num_heads)
+    if arrive_last(cnt_ptr + b * num_kv_heads + kvh, active):
+        m_all = tl.full([N_PAD * G_PAD], float("-inf"), tl.float32)
+        l_all = tl.zeros([N_PAD * G_PAD], tl.float32)
+        for s0 in range(0, active, S_BLOCK):
+            sp = s0 + tl.arange(0, S_BLOCK)
+            ok = row_ok[:, None] & (sp < active)[None, :]
+            off = part[:, None] + sp[None, :]
+            m_s = tl.load(m_ptr + off, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(l_ptr + off, mask=ok, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_all, tl.max(m_s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_all = l_all * tl.exp2(m_all - m_use) + tl.sum(l_s * tl.exp2(m_s - m_use[:, None]), 1)
+            m_all = m_new
+        # Every valid row sees at least one key, so l_all > 0 there.
+        lse = tl.where(m_all == float("-inf"), 0.0, m_all) + tl.log2(tl.where(row_ok, l_all, 1.0))
+        tl.store(lse_ptr + (row0 + i).to(tl.int64) * s_lt + head, lse, mask=row_ok)
 
 
 @triton.jit
 def _grounding_pass2(
     q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, lse_ptr, sums_ptr, bk_ptr, ba_ptr,
-    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_lt, s_st, s_bkt,
+    pm_ptr, blk_ptr, cnt_ptr,
+    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_lt, s_st, s_bkt, s_blt,
     scale_log2, inv_heads, sparsity, page_size, group, num_kv_heads, head_dim, num_splits,
-    N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    max_step_len,
+    N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    S_BLOCK: tl.constexpr, MS_PAD: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Head-averaged, thresholded row sums of one chunk; the request's last chunk renormalises."""
     b = tl.program_id(0)
     split = tl.program_id(1)
     row0 = tl.load(cu_ptr + b)
@@ -210,52 +224,56 @@ def _grounding_pass2(
         off = (row0 + tok).to(tl.int64)[:, None] * s_bkt + col[None, :]
         tl.store(bk_ptr + off, kept, mask=in_step)
         tl.store(ba_ptr + off, avg, mask=in_step)
-    out = sums_ptr + (row0 + tok).to(tl.int64) * s_st + split * 4
+    row = (row0 + tok).to(tl.int64)
+    out = sums_ptr + row * s_st + split * 4
     tl.store(out + 0, kept_prefix, mask=tok_ok)
     tl.store(out + 1, kept_total, mask=tok_ok)
     tl.store(out + 2, avg_prefix, mask=tok_ok)
     tl.store(out + 3, avg_total, mask=tok_ok)
+    active = tl.cdiv(seq_len, chunk)
+    if arrive_last(cnt_ptr + b, active):
+        sum_kp = tl.zeros([N_PAD], tl.float32)
+        sum_kt = tl.zeros([N_PAD], tl.float32)
+        sum_ap = tl.zeros([N_PAD], tl.float32)
+        sum_at = tl.zeros([N_PAD], tl.float32)
+        for s0 in range(0, active, S_BLOCK):
+            sp = s0 + tl.arange(0, S_BLOCK)
+            sp_ok = tok_ok[:, None] & (sp < active)[None, :]
+            base = sums_ptr + row[:, None] * s_st + sp[None, :] * 4
+            sum_kp += tl.sum(tl.load(base + 0, mask=sp_ok, other=0.0, cache_modifier=".cg"), 1)
+            sum_kt += tl.sum(tl.load(base + 1, mask=sp_ok, other=0.0, cache_modifier=".cg"), 1)
+            sum_ap += tl.sum(tl.load(base + 2, mask=sp_ok, other=0.0, cache_modifier=".cg"), 1)
+            sum_at += tl.sum(tl.load(base + 3, mask=sp_ok, other=0.0, cache_modifier=".cg"), 1)
+        # A row with nothing kept keeps its dense distribution (the core's rule).
+        use_kept = sum_kt > 0.0
+        denom = tl.maximum(tl.where(use_kept, sum_kt, sum_at), FLOAT_TINY_C)
+        tl.store(pm_ptr + row, tl.where(use_kept, sum_kp, sum_ap) / denom, mask=tok_ok)
+        j = tl.arange(0, MS_PAD)
+        cell = row[:, None] * s_bkt + j[None, :]
+        step_cell = tok_ok[:, None] & (j < n)[None, :]
+        blk_kept = tl.load(bk_ptr + cell, mask=step_cell, other=0.0, cache_modifier=".cg")
+        blk_dense = tl.load(ba_ptr + cell, mask=step_cell, other=0.0, cache_modifier=".cg")
+        value = tl.where(use_kept[:, None], blk_kept, blk_dense) / denom[:, None]
+        tl.store(blk_ptr + row[:, None] * s_blt + j[None, :], value,
+                 mask=tok_ok[:, None] & (j < max_step_len)[None, :])
 
 
-@triton.jit
-def _grounding_finalize(
-    sums_ptr, bk_ptr, ba_ptr, pm_ptr, blk_ptr, seq_lens_ptr, cu_ptr,
-    s_st, s_bkt, s_blt, num_splits, max_step_len,
-    S_PAD: tl.constexpr, MS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Add the chunks' row sums and renormalise; a row with nothing kept keeps its dense mass."""
-    b = tl.program_id(0)
-    i = tl.program_id(1)
-    row0 = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - row0
-    if i >= n:
-        return
-    seq_len = tl.load(seq_lens_ptr + b)
-    chunk, start, end = _split_range(seq_len, 0, num_splits, BLOCK_N)
-    sp = tl.arange(0, S_PAD)
-    sp_ok = sp < tl.cdiv(seq_len, chunk)
-    row = (row0 + i).to(tl.int64)
-    base = sums_ptr + row * s_st + sp * 4
-    kept_prefix = tl.sum(tl.load(base + 0, mask=sp_ok, other=0.0), 0)
-    kept_total = tl.sum(tl.load(base + 1, mask=sp_ok, other=0.0), 0)
-    avg_prefix = tl.sum(tl.load(base + 2, mask=sp_ok, other=0.0), 0)
-    avg_total = tl.sum(tl.load(base + 3, mask=sp_ok, other=0.0), 0)
-    use_kept = kept_total > 0.0
-    denom = tl.maximum(tl.where(use_kept, kept_total, avg_total), FLOAT_TINY_C)
-    tl.store(pm_ptr + row, tl.where(use_kept, kept_prefix, avg_prefix) / denom)
-    j = tl.arange(0, MS_PAD)
-    j_ok = j < n
-    kept = tl.load(bk_ptr + row * s_bkt + j, mask=j_ok, other=0.0)
-    dense = tl.load(ba_ptr + row * s_bkt + j, mask=j_ok, other=0.0)
-    tl.store(blk_ptr + row * s_blt + j, tl.where(use_kept, kept, dense) / denom, mask=j < max_step_len)
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device, looked up once (it sits on the launch path)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
 
 def default_num_splits(batch: int, device: torch.device) -> int:
-    """Chunks per request: enough programs to fill the GPU twice over."""
+    """Chunks per request: enough pass-2 programs (batch x splits) to fill every SM twice."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(64, triton.cdiv(2 * sms, batch)))
+    return max(1, triton.cdiv(2 * sm_count(device), max(1, batch)))
 
 
 def _tile_config(rows: int) -> tuple[int, int]:
@@ -281,7 +299,7 @@ def step_grounding_stats_triton(
     num_splits: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the grounding kernels for one layer; see ``step_grounding_ref`` for the contract.
+    """Launch the two grounding kernels for one layer; see ``step_grounding_ref`` for the contract.
 
     No host synchronisation happens here (only shapes are read), so the call can
     be captured in a CUDA graph; the grid depends on ``seq_lens.numel()`` and
@@ -309,14 +327,23 @@ def step_grounding_stats_triton(
             raise TypeError(f"{name} must be an int32/int64 tensor on {query.device}")
     if k_view.device != query.device:
         raise ValueError("query and the K cache must be on one device")
+    # Rows are cu[b] + i < cu[batch] <= batch * max_step_len (read on the host: no sync).
+    rows = max(1, batch * max(1, max_step_len))
     if workspace is None:
-        workspace = GroundingWorkspace.allocate(query.shape[0], num_heads, max_step_len,
-                                                device=query.device)
-    if workspace.num_heads != num_heads or workspace.max_step_len < max_step_len:
-        raise ValueError("workspace was allocated for other heads / a shorter step")
-    num_splits = num_splits or min(workspace.max_splits, default_num_splits(batch, query.device))
-    if num_splits > workspace.max_splits:
-        raise ValueError(f"num_splits {num_splits} > workspace.max_splits {workspace.max_splits}")
+        splits = num_splits or default_num_splits(batch, query.device)
+        workspace = GroundingWorkspace.allocate(rows, num_heads, max(1, max_step_len),
+                                                max_splits=splits, device=query.device,
+                                                max_batch=max(1, batch))
+    ws = workspace
+    rows = min(rows, ws.max_tokens)
+    if ws.num_heads != num_heads or ws.max_step_len < max_step_len or ws.max_batch < batch:
+        raise ValueError(f"workspace ({ws.num_heads} heads, step {ws.max_step_len}, batch "
+                         f"{ws.max_batch}) does not fit {num_heads} heads, step {max_step_len}, "
+                         f"batch {batch}")
+    num_splits = num_splits or min(ws.max_splits_for(rows), default_num_splits(batch, query.device))
+    if not ws.fits(rows, num_splits, batch, max_step_len):
+        raise ValueError(f"num_splits {num_splits} x {rows} rows > the workspace's "
+                         f"{ws.split_capacity} (row, split) slots")
     query_start = cu_step_lens[:-1] if query_start is None else query_start
     group = num_heads // num_kv_heads
     g_pad = next_pow2(group)
@@ -324,30 +351,22 @@ def step_grounding_stats_triton(
     d_pad = max(16, next_pow2(head_dim))
     default_block_n, num_warps = _tile_config(n_pad * g_pad)
     block_n = block_n or default_block_n
-    upcast = interpreting()
+    common = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, S_BLOCK=S_BLOCK,
+                  UPCAST=interpreting(), num_warps=num_warps)
     scale_log2 = float(scale) * LOG2E
-    ws = workspace
-    common = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, UPCAST=upcast,
-                  num_warps=num_warps)
+    cnt_heads, cnt_rows = ws.counters[: ws.max_batch * num_heads], ws.counters[ws.max_batch * num_heads:]
+    # Per-(row, split) scratch, viewed densely for this launch's number of splits.
+    s_mt, s_mh = num_heads * num_splits, num_splits
     _grounding_pass1[(batch, num_kv_heads, num_splits)](
         query, k_view, block_table, seq_lens, cu_step_lens, query_start, ws.part_max, ws.part_sum,
-        *query.stride(), *k_view.stride(), block_table.stride(0),
-        ws.part_max.stride(0), ws.part_max.stride(1),
-        scale_log2, page_size, group, head_dim, num_splits, **common)
-    _grounding_combine[(batch, n_pad)](
-        ws.part_max, ws.part_sum, ws.lse, seq_lens, cu_step_lens,
-        ws.part_max.stride(0), ws.part_max.stride(1), ws.lse.stride(0), num_heads, num_splits,
-        H_PAD=next_pow2(num_heads), S_PAD=next_pow2(ws.max_splits), BLOCK_N=block_n)
+        ws.lse, cnt_heads,
+        *query.stride(), *k_view.stride(), block_table.stride(0), s_mt, s_mh, ws.lse.stride(0),
+        scale_log2, page_size, group, num_kv_heads, head_dim, num_splits, **common)
     _grounding_pass2[(batch, num_splits)](
         query, k_view, block_table, seq_lens, cu_step_lens, query_start, ws.lse, ws.row_sums,
-        ws.block_kept, ws.block_avg,
+        ws.block_kept, ws.block_avg, ws.prefix_mass, ws.block, cnt_rows,
         *query.stride(), *k_view.stride(), block_table.stride(0), ws.lse.stride(0),
-        ws.row_sums.stride(0), ws.block_kept.stride(0),
+        4 * num_splits, ws.block_kept.stride(0), ws.block.stride(0),
         scale_log2, 1.0 / num_heads, float(sparsity), page_size, group, num_kv_heads, head_dim,
-        num_splits, **common)
-    _grounding_finalize[(batch, n_pad)](
-        ws.row_sums, ws.block_kept, ws.block_avg, ws.prefix_mass, ws.block, seq_lens, cu_step_lens,
-        ws.row_sums.stride(0), ws.block_kept.stride(0), ws.block.stride(0), num_splits,
-        ws.max_step_len, S_PAD=next_pow2(ws.max_splits), MS_PAD=next_pow2(ws.max_step_len),
-        BLOCK_N=block_n)
+        num_splits, ws.max_step_len, MS_PAD=next_pow2(ws.max_step_len), **common)
     return ws.prefix_mass, ws.block

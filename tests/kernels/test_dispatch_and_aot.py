@@ -40,8 +40,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_a_gpu(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
-    for kernel in ("grounding_pass1", "grounding_pass2", "grounding_combine",
-                   "grounding_finalize", "token_logprob", "segment_min"):
+    for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob"):
         for arch in ("sm_90", "sm_80"):
             assert any(kernel in line and arch in line for line in out.stdout.splitlines()), \
                 f"{kernel} not compiled for {arch}"

@@ -54,3 +54,17 @@ def test_launch_wrapper_rejects_bad_inputs(device):
         step_min_logprob_triton(logits, tokens.float(), cu, max_step_len=2)
     with pytest.raises(ValueError, match="one logits row per token"):
         step_min_logprob_triton(logits, tokens, cu, max_step_len=2, rows=rows[:1])
+
+
+def test_static_counters_are_rearmed_for_the_next_call(device):
+    """Graph replays reuse one counter buffer: each call must leave it at zero."""
+    counters = torch.zeros(3, dtype=torch.int32, device=device)
+    for steps, seed in (([3, 0, 5], 1), ([1, 4, 2], 2), ([5, 5, 5], 3)):
+        logits, tokens, cu, rows = make_logits_case(steps, 300, device=device, seed=seed)
+        lp, mn = step_min_logprob_triton(logits, tokens, cu, max_step_len=5, rows=rows,
+                                         counters=counters)
+        _, mn_ref = step_min_logprob_ref(logits, tokens, cu, rows=rows)
+        torch.testing.assert_close(mn.cpu(), mn_ref.cpu(), atol=2e-5, rtol=1e-5)
+        assert int(counters.abs().sum()) == 0
+    with pytest.raises(ValueError, match="counters"):
+        step_min_logprob_triton(logits, tokens, cu, max_step_len=5, counters=counters[:2])

@@ -98,6 +98,34 @@ def test_reused_workspace_does_not_leak_stale_rows(device):
     torch.testing.assert_close(blk, br, atol=2e-5, rtol=1e-4)
 
 
+def test_more_splits_than_one_merge_tile_and_counters_rearm(device):
+    """47 active chunks (> S_BLOCK): the last program's merge loop runs twice; every call
+    leaves the arrival counters at zero, so the next call (or graph replay) starts clean."""
+    from kernels.step_grounding import S_BLOCK
+
+    ws = GroundingWorkspace.allocate(16, 4, 8, max_splits=48, device=device)
+    case = make_grounding_case([3, 5], [1500, 300], device=device, max_step_len=8, seed=12)
+    for sparsity in (0.01, 0.0):
+        pm, blk, pr, br = run_both(case, sparsity, workspace=ws, num_splits=48, block_n=16)
+        assert -(-1503 // 32) > S_BLOCK
+        torch.testing.assert_close(pm, pr, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(blk, br, atol=2e-5, rtol=1e-4)
+        assert int(ws.counters.abs().sum()) == 0
+
+
+def test_fewer_rows_may_use_more_splits_but_never_overflow_the_scratch(device):
+    ws = GroundingWorkspace.allocate(16, 4, 8, max_splits=2, device=device)
+    assert ws.max_splits_for(4) == 8 and ws.max_splits_for(64) == 1
+    one = make_grounding_case([4], [400], device=device, max_step_len=4, seed=13)
+    pm, blk, pr, br = run_both(one, 0.01, workspace=ws, num_splits=8, block_n=16)
+    torch.testing.assert_close(pm, pr, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="slots"):
+        run_both(one, 0.01, workspace=ws, num_splits=9, block_n=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        run_both(make_grounding_case([4], [40], device=device, max_step_len=12, seed=1),
+                 0.01, workspace=ws)
+
+
 def test_reference_is_core_step_attention_stats_on_dense_probabilities():
     case = make_grounding_case([3], [20], num_heads=2, num_kv_heads=2, block_size=8, seed=7)
     keys = case.k_view[case.block_table[0, :3].long()].reshape(-1, 2, 32)[:23].float()
