@@ -6,7 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specguard_vllm.core.grounding import rollout_grounding, step_attention_stats, step_grounding
+from specguard_vllm.core.grounding import (
+    rollout_grounding,
+    rollout_grounding_min,
+    step_attention_stats,
+    step_grounding,
+)
 
 
 def causal_step_probs(gen: torch.Generator, heads: int, prefix: int, n: int, peak: float) -> torch.Tensor:
@@ -109,3 +114,44 @@ def test_stats_refuse_inconsistent_shapes():
         step_attention_stats(torch.rand(2, 3, 9), prefix_len=5, sparsity=0.01)
     with pytest.raises(ValueError):
         rollout_grounding(torch.rand(2, 3), torch.rand(2, 3, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 6),
+    layers=st.integers(1, 4),
+    n_max=st.integers(1, 9),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_batched_min_equals_per_request_rollout_and_ignores_padding(batch, layers, n_max, data, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = data.draw(st.lists(st.integers(0, n_max), min_size=batch, max_size=batch))
+    # Garbage everywhere first: whatever the padding holds must not reach a result.
+    masses = torch.randn(batch, layers, n_max, generator=gen) * 1e3
+    blocks = torch.randn(batch, layers, n_max, n_max, generator=gen) * 1e3
+    expected = []
+    for b, n in enumerate(lengths):
+        if n == 0:
+            expected.append(1.0)
+            continue
+        prefix = int(torch.randint(1, 8, (1,), generator=gen))
+        for layer in range(layers):
+            probs = causal_step_probs(gen, 2, prefix, n, 2.0)
+            pm, blk = step_attention_stats(probs, prefix, 0.01)
+            masses[b, layer, :n], blocks[b, layer, :n, :n] = pm, blk
+        expected.append(float(rollout_grounding(masses[b, :, :n], blocks[b, :, :n, :n]).min()))
+    got = rollout_grounding_min(masses, blocks, torch.tensor(lengths))
+    assert got.dtype == torch.float32 and got.shape == (batch,)
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_batched_min_refuses_inconsistent_shapes():
+    import pytest
+
+    with pytest.raises(ValueError, match="block shape"):
+        rollout_grounding_min(torch.rand(2, 3, 4), torch.rand(2, 3, 4, 5), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="lengths shape"):
+        rollout_grounding_min(torch.rand(2, 3, 4), torch.rand(2, 3, 4, 4), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError):
+        rollout_grounding_min(torch.rand(3, 4), torch.rand(3, 4, 4), torch.tensor([1]))

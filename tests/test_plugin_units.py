@@ -175,3 +175,95 @@ def test_speculative_drafts_keep_the_tail_and_remember_the_step_length():
     # Without keep_tail the old cut applies and no step length is kept.
     assert steps.truncate_draft("r", [0, 2, 1]) == [0, 2]
     assert steps.get("r").draft_step_len is None
+
+
+def test_grounding_capture_reuses_one_workspace_per_layer_and_matches_the_reference():
+    """The attention hook's path: per-forward indices built once, results in persistent
+    workspaces (regrown for a larger batch), equal to the reference on the backend's cache."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kernels.step_grounding_ref import step_grounding_stats_ref
+    from kernels.testing import make_grounding_case
+    from specguard_vllm.plugin.grounding_capture import GroundingCapture
+
+    capture = GroundingCapture({"model.layers.0.attn": 0, "model.layers.1.attn": 1}, 0.01, "CPU_ATTN")
+    seen = {}
+    for steps, ctxs in (([3, 0, 2], [40, 9, 70]), ([4, 1, 3, 2], [20, 33, 5, 90]), ([1], [12])):
+        case = make_grounding_case(steps, ctxs, layout="CPU", extra_rows=1, seed=len(steps))
+        n = torch.tensor(steps, dtype=torch.int32)
+        qsl = torch.cat([torch.zeros(1, dtype=torch.int32), (case.query_start + n).to(torch.int32)])
+        metadata = SimpleNamespace(query_start_loc=qsl, seq_lens=case.seq_lens,
+                                   block_table=case.block_table)
+        impl = SimpleNamespace(head_size=case.query.shape[2], scale=case.scale)
+        capture.arm(steps)
+        for name in ("model.layers.0.attn", "model.layers.1.attn"):
+            capture.on_attention(name, impl, case.query, case.kv_cache, metadata)
+        assert capture.complete_for(steps)
+        want_pm, want_blk = step_grounding_stats_ref(
+            case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens,
+            scale=case.scale, sparsity=0.01, max_step_len=max(steps), query_start=case.query_start)
+        t = sum(steps)
+        for position in (0, 1):
+            torch.testing.assert_close(capture.batch.prefix_mass[position][:t], want_pm)
+            torch.testing.assert_close(capture.batch.block[position][:t, :max(steps)], want_blk)
+            ws = capture.workspaces[position]
+            assert ws.fits(len(steps) * max(steps), 1, len(steps), max(steps))
+            seen.setdefault(position, []).append(ws)
+        assert capture.seconds > 0
+        capture.seconds = 0.0
+        assert capture.seconds == 0.0
+        capture.clear()
+    # Regrown once for the larger second batch, then reused for the smaller third.
+    assert all(ws[0] is not ws[1] and ws[1] is ws[2] for ws in seen.values())
+
+
+def test_verifier_grounding_rolls_out_every_row_at_once_and_ignores_tails():
+    """_grounding on captured statistics: each row's G_min over its step (not its tail),
+    1.0 for rows without a step, equal to the per-request rollout."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from specguard_vllm.core.grounding import rollout_grounding, step_attention_stats
+    from specguard_vllm.plugin import grounding_capture
+    from specguard_vllm.plugin.verifier import SpecGuardRejectionSampler
+
+    gen = torch.Generator().manual_seed(5)
+    num_drafts, step_lens, k = [4, 0, 3, 5], [2, 0, 3, 5], 6
+    rows = sum(num_drafts) + 3  # a workspace holds more rows than this batch uses
+    capture = grounding_capture.GroundingCapture({"a": 0, "b": 1}, 0.01, "CPU_ATTN")
+    capture.arm(num_drafts)
+    masses, blocks = [], []
+    for layer in range(2):
+        pm, blk = torch.full((rows,), 7.0), torch.full((rows, k), 9.0)  # garbage outside steps
+        offset = 0
+        for n in num_drafts:
+            if n:
+                probs = torch.rand(2, n, 11 + n, generator=gen)
+                probs = probs.masked_fill(torch.arange(11 + n) > 11 + torch.arange(n)[:, None], 0)
+                p, b = step_attention_stats(probs / probs.sum(-1, keepdim=True), 11, 0.01)
+                pm[offset: offset + n], blk[offset: offset + n, :n] = p, b
+            offset += n
+        capture.batch.prefix_mass[layer], capture.batch.block[layer] = pm, blk
+        masses.append(pm)
+        blocks.append(blk)
+    grounding_capture.ACTIVE = capture
+    try:
+        got = SpecGuardRejectionSampler._grounding(
+            SimpleNamespace(metrics=None), SimpleNamespace(num_draft_tokens=num_drafts), "cpu",
+            step_lens)
+    finally:
+        grounding_capture.ACTIVE = None
+    want, offset = [], 0
+    for n, m in zip(num_drafts, step_lens):
+        if m == 0:
+            want.append(1.0)
+        else:
+            pm = torch.stack([x[offset: offset + m] for x in masses])
+            blk = torch.stack([x[offset: offset + m, :m] for x in blocks])
+            want.append(float(rollout_grounding(pm, blk).min()))
+        offset += n
+    torch.testing.assert_close(got, torch.tensor(want))
+    assert capture.batch is None  # consumed, ready for the next forward

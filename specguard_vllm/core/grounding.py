@@ -78,3 +78,49 @@ def step_grounding(g: torch.Tensor) -> torch.Tensor:
     if g.numel() == 0:
         raise ValueError("a step has at least one token")
     return g.min()
+
+
+def rollout_grounding_min(
+    prefix_mass: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """G_min of a whole batch of ragged steps in one batched pass.
+
+    One bmm per layer for every request at once instead of a Python loop with
+    a host sync per request (the verifier runs this on every decode step).
+
+    Args:
+        prefix_mass: ``[B, m, n_max]`` per request and layer, padded.
+        block: ``[B, m, n_max, n_max]`` per request and layer, padded.
+        lengths: ``[B]`` step length of each request (0 allowed).
+
+    Returns ``[B]`` float32: ``rollout_grounding(prefix_mass[b, :, :L], block[b, :, :L, :L]).min()``
+    for ``L = lengths[b] > 0`` and 1.0 for a row without a step. Entries outside
+    each request's lower-triangular ``L x L`` region are masked out, so whatever
+    sits in the padding never leaks into a result.
+    """
+    if prefix_mass.dim() != 3 or block.dim() != 4:
+        raise ValueError("prefix_mass must be [batch, layers, n] and block [batch, layers, n, n]")
+    b, m, n = prefix_mass.shape
+    if block.shape != (b, m, n, n):
+        raise ValueError(f"block shape {tuple(block.shape)} != {(b, m, n, n)}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths shape {tuple(lengths.shape)} != {(b,)}")
+    device = prefix_mass.device
+    lengths = lengths.to(device=device, dtype=torch.int64)
+    if n == 0:
+        return torch.ones(b, dtype=torch.float32, device=device)
+    valid = torch.arange(n, device=device) < lengths.unsqueeze(1)  # [B, n]
+    tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    valid_block = valid.unsqueeze(2) & valid.unsqueeze(1) & tri  # [B, n, n]
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    # where, not a product: padding may hold inf/NaN and must not survive the mask.
+    masses = torch.where(valid.unsqueeze(1), prefix_mass.float(), zero)
+    blocks = torch.where(valid_block.unsqueeze(1), block.float(), zero)
+    eye = torch.eye(n, dtype=torch.float32, device=device)
+    g = torch.zeros(b, n, 1, dtype=torch.float32, device=device)
+    for layer in range(m):
+        a_hat_block = RESIDUAL_WEIGHT * blocks[:, layer] + (1.0 - RESIDUAL_WEIGHT) * eye
+        g = RESIDUAL_WEIGHT * masses[:, layer].unsqueeze(-1) + torch.bmm(a_hat_block, g)
+    g = g.squeeze(-1).clamp(0.0, 1.0)
+    g_min = torch.where(valid, g, torch.full_like(g, float("inf"))).amin(dim=-1)
+    return torch.where(lengths > 0, g_min, torch.ones_like(g_min))

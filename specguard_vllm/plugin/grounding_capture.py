@@ -54,7 +54,13 @@ class StepBatch:
 
 
 class GroundingCapture:
-    """Armed by the runner for one target forward; filled by the attention hook."""
+    """Armed by the runner for one target forward; filled by the attention hook.
+
+    Nothing here waits for the GPU: the per-forward index tensors are built once
+    (on the first grounding layer) and copied without a sync, each layer writes
+    into its own persistent ``GroundingWorkspace``, and the scorer's time is
+    taken with CUDA events that are read only when the verifier asks for it.
+    """
 
     def __init__(self, layer_positions: dict[str, int], sparsity: float, backend_name: str):
         self.layer_positions = layer_positions
@@ -62,12 +68,29 @@ class GroundingCapture:
         self.backend_name = backend_name
         self.batch: StepBatch | None = None
         self.armed = False
-        self.seconds = 0.0  # time spent computing grounding statistics (scorer overhead)
+        self.workspaces: dict[int, object] = {}  # grounding layer position -> GroundingWorkspace
+        self._indices: tuple | None = None  # (cu, query_start, seq_lens, block_table) this forward
+        self._cpu_seconds = 0.0
+        self._events: list[tuple] = []  # (start, end) CUDA events of each layer's launches
+
+    @property
+    def seconds(self) -> float:
+        """Time spent computing grounding statistics (the scorer's overhead) since the reset."""
+        gpu = 0.0
+        for start, end in self._events:
+            end.synchronize()
+            gpu += start.elapsed_time(end) / 1e3
+        return self._cpu_seconds + gpu
+
+    @seconds.setter
+    def seconds(self, value: float) -> None:
+        self._cpu_seconds, self._events = float(value), []
 
     def arm(self, num_draft_tokens: list[int]) -> None:
         m = len(self.layer_positions)
         self.batch = StepBatch(list(num_draft_tokens), [None] * m, [None] * m)
         self.armed = sum(num_draft_tokens) > 0
+        self._indices = None
 
     def disarm(self) -> None:
         self.armed = False
@@ -75,11 +98,51 @@ class GroundingCapture:
     def clear(self) -> None:
         self.batch = None
         self.armed = False
+        self._indices = None
 
     def complete_for(self, num_draft_tokens: list[int]) -> bool:
         b = self.batch
         return (b is not None and b.num_draft_tokens == list(num_draft_tokens)
                 and all(x is not None for x in b.prefix_mass))
+
+    def _forward_indices(self, attn_metadata, device: torch.device) -> tuple:
+        """cu_step_lens, query_start, seq_lens, block_table of this forward, built once."""
+        if self._indices is None:
+            n_list = self.batch.num_draft_tokens
+            num_reqs = len(n_list)
+            cu_host = [0]
+            for n in n_list:
+                cu_host.append(cu_host[-1] + n)
+            host = torch.tensor([cu_host, [0, *n_list]], dtype=torch.int32,
+                                pin_memory=device.type == "cuda")
+            cu, n = host.to(device, non_blocking=True).unbind(0)
+            # Request b's step is the last n_b of its query rows.
+            qsl = attn_metadata.query_start_loc[1: num_reqs + 1]
+            query_start = qsl.to(device) - n[1:].to(qsl.dtype)
+            table = (attn_metadata.block_table if hasattr(attn_metadata, "block_table")
+                     else attn_metadata.block_table_tensor)
+            self._indices = (cu, query_start, attn_metadata.seq_lens[:num_reqs], table[:num_reqs])
+        return self._indices
+
+    def _workspace(self, position: int, num_heads: int, device: torch.device):
+        """This layer's persistent workspace, regrown when a batch outgrows it."""
+        from kernels import GroundingWorkspace
+        from kernels.step_grounding import default_num_splits
+
+        n_list = self.batch.num_draft_tokens
+        batch, step = len(n_list), max(max(n_list), 1)
+        rows = batch * step
+        splits = default_num_splits(batch, device)
+        ws = self.workspaces.get(position)
+        if ws is None or ws.num_heads != num_heads or not ws.fits(rows, splits, batch, step):
+            old = (ws.max_tokens, ws.max_step_len, ws.split_capacity, ws.max_batch) if ws else (0,) * 4
+            max_tokens, max_step, max_batch = max(rows, old[0]), max(step, old[1]), max(batch, old[3])
+            capacity = max(rows * splits, old[2])
+            ws = GroundingWorkspace.allocate(max_tokens, num_heads, max_step,
+                                             max_splits=-(-capacity // max_tokens), device=device,
+                                             max_batch=max_batch)
+            self.workspaces[position] = ws
+        return ws
 
     def on_attention(self, layer_name: str, impl, query: torch.Tensor, kv_cache: torch.Tensor,
                      attn_metadata) -> None:
@@ -88,27 +151,27 @@ class GroundingCapture:
             return
         from kernels.dispatch import k_cache_view, step_grounding_stats
 
-        started = time.perf_counter()
         batch = self.batch
-        n = torch.tensor(batch.num_draft_tokens, dtype=torch.int32)
-        num_reqs = n.numel()
-        qsl = attn_metadata.query_start_loc[: num_reqs + 1].to("cpu", torch.int64)
-        query_start = (qsl[1:] - n).to(query.device)
-        cu = torch.zeros(num_reqs + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(n, 0)
-        k_view = k_cache_view(kv_cache, self.backend_name, impl.head_size)
+        on_gpu = query.is_cuda
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            started = time.perf_counter()
+        cu, query_start, seq_lens, block_table = self._forward_indices(attn_metadata, query.device)
+        ws = self._workspace(position, query.shape[1], query.device)
         prefix_mass, block = step_grounding_stats(
-            query, k_view, attn_metadata.block_table[:num_reqs] if hasattr(attn_metadata, "block_table")
-            else attn_metadata.block_table_tensor[:num_reqs],
-            attn_metadata.seq_lens[:num_reqs], cu.to(query.device),
-            scale=float(impl.scale), sparsity=self.sparsity, max_step_len=int(n.max()),
-            query_start=query_start,
-        )
+            query, k_cache_view(kv_cache, self.backend_name, impl.head_size), block_table,
+            seq_lens, cu, scale=float(impl.scale), sparsity=self.sparsity,
+            max_step_len=max(max(batch.num_draft_tokens), 1), query_start=query_start,
+            workspace=ws)
         batch.prefix_mass[position] = prefix_mass
         batch.block[position] = block
-        if query.is_cuda:
-            torch.cuda.synchronize(query.device)
-        self.seconds += time.perf_counter() - started
+        if on_gpu:
+            end.record()
+            self._events.append((start, end))
+        else:
+            self._cpu_seconds += time.perf_counter() - started
 
 
 # One engine (one model runner) per worker process: the hook finds it here.

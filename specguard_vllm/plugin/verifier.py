@@ -35,7 +35,7 @@ from vllm.v1.sample.rejection_sampler import (
 from specguard_vllm.config import SpecGuardConfig
 from kernels.dispatch import step_min_logprob
 from specguard_vllm.core.decision import StepDecision, decide_steps
-from specguard_vllm.core.grounding import rollout_grounding
+from specguard_vllm.core.grounding import rollout_grounding_min
 from specguard_vllm.plugin import grounding_capture
 from specguard_vllm.plugin.request_params import request_params
 
@@ -101,27 +101,35 @@ class SpecGuardRejectionSampler(RejectionSampler):
         return lengths
 
     def _grounding(self, metadata, device, step_lens: list[int]) -> torch.Tensor | None:
+        """G_min per row, one batched rollout for all requests (no per-request host sync)."""
         capture = grounding_capture.ACTIVE
         if capture is None or not capture.complete_for(metadata.num_draft_tokens):
             return None
         batch = capture.batch
-        g_min = []
-        offset = 0
-        for n, m in zip(metadata.num_draft_tokens, step_lens):
-            if m == 0:
-                g_min.append(1.0)
-                offset += n
-                continue
-            # Rollout is causal: the step's positions never depend on the tail after it.
-            masses = torch.stack([pm[offset: offset + m] for pm in batch.prefix_mass])
-            blocks = torch.stack([blk[offset: offset + m, :m] for blk in batch.block])
-            g_min.append(float(rollout_grounding(masses.float(), blocks.float()).min()))
-            offset += n
+        n_max = max(step_lens, default=0)
+        num_rows_t = batch.prefix_mass[0].shape[0] if batch.prefix_mass else 0
+        if n_max == 0 or num_rows_t == 0:
+            g_min = torch.ones(len(step_lens), dtype=torch.float32, device=device)
+        else:
+            masses = torch.stack(batch.prefix_mass)  # [m, T]
+            blocks = torch.stack(batch.block)  # [m, T, K]
+            src = masses.device
+            # Rollout is causal: a step's positions never depend on the tail after it,
+            # so only the first step_lens[i] rows and columns of request i are read.
+            num_drafts = torch.tensor(metadata.num_draft_tokens, dtype=torch.int64)
+            offsets = (torch.cumsum(num_drafts, 0) - num_drafts).to(src)  # [B]
+            j = torch.arange(n_max, device=src)
+            rows = (offsets.unsqueeze(1) + j).clamp(max=num_rows_t - 1)  # [B, n_max]
+            cols = j.clamp(max=blocks.shape[2] - 1)
+            pm = masses[:, rows].permute(1, 0, 2)  # [B, m, n_max]
+            blk = blocks[:, rows.unsqueeze(-1), cols].permute(1, 0, 2, 3)  # [B, m, n_max, n_max]
+            lengths = torch.tensor(step_lens, dtype=torch.int64).to(src)
+            g_min = rollout_grounding_min(pm, blk, lengths).to(device)
         if self.metrics is not None:
             self.metrics.add_grounding_time(capture.seconds)
         capture.seconds = 0.0
         capture.clear()
-        return torch.tensor(g_min, dtype=torch.float32, device=device)
+        return g_min
 
     # ---------------------------------------------------------------- forward
     @staticmethod
