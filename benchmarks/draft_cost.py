@@ -40,14 +40,12 @@ def bundled_or_tiny(workdir: Path, pair: str = "auto"):
 
 
 def make_prompts(tokenizer, n: int, bundled: bool) -> list[list[int]]:
+    """Test-split problems of the tiny task for the bundled pair (what it was trained on);
+    short assignment lines for the random pair, which answers nothing anyway."""
     if bundled:
-        try:
-            from specguard_vllm.tasks import problems as task_problems  # noqa: F401
-            from specguard_vllm.training.data import chat_prompt_ids  # type: ignore
+        from specguard_vllm.evaluation.datasets import load_items, prompt_ids
 
-            return chat_prompt_ids(tokenizer, n)
-        except Exception:  # noqa: BLE001 - fall back to plain chat prompts
-            pass
+        return [prompt_ids(item, tokenizer) for item in load_items("tiny", n, split="test")]
     texts = [f"{'abcdefgh'[i % 8]} = {i + 1}\n{'abcdefgh'[(i + 1) % 8]} = " for i in range(n)]
     return [tokenizer(t)["input_ids"] for t in texts]
 
