@@ -22,7 +22,9 @@ class GroundingWorkspace:
     sums, stored flat because the number of splits falls as the batch grows
     (``rows x splits`` stays about ``step x 2 x SMs``), the raw in-step columns,
     and one arrival counter per (request, kv head) and per request, which the
-    last program of a request zeroes again, so replays start from zero.
+    last program of a request zeroes again, so replays start from zero. Hence one
+    workspace serves one launch at a time: give each grounding layer its own, and
+    never share one between streams.
     """
 
     prefix_mass: torch.Tensor
