@@ -16,13 +16,23 @@ from kernels.min_logprob_ref import step_min_logprob_ref
 from kernels.step_grounding_ref import step_grounding_stats_ref
 from kernels.workspace import GroundingWorkspace
 
-__all__ = ["GroundingWorkspace", "k_cache_view", "step_grounding_stats", "step_min_logprob",
-           "use_triton"]
+__all__ = ["GroundingWorkspace", "disable_triton", "k_cache_view", "step_grounding_stats",
+           "step_min_logprob", "use_triton"]
+
+
+_TRITON_DISABLED: str | None = None  # why this process stopped using the Triton kernels
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Triton for CUDA tensors unless SPECGUARD_KERNELS=torch."""
-    return t.is_cuda and os.environ.get("SPECGUARD_KERNELS", "triton") != "torch"
+    """Triton for CUDA tensors unless SPECGUARD_KERNELS=torch or a self-check failed."""
+    return (t.is_cuda and _TRITON_DISABLED is None
+            and os.environ.get("SPECGUARD_KERNELS", "triton") != "torch")
+
+
+def disable_triton(reason: str) -> None:
+    """Use the PyTorch references from now on in this process (correct, slower)."""
+    global _TRITON_DISABLED
+    _TRITON_DISABLED = reason
 
 
 def step_grounding_stats(

@@ -267,3 +267,45 @@ def test_verifier_grounding_rolls_out_every_row_at_once_and_ignores_tails():
         offset += n
     torch.testing.assert_close(got, torch.tensor(want))
     assert capture.batch is None  # consumed, ready for the next forward
+
+
+def test_layout_selfcheck_passes_on_written_keys_and_names_the_backend_when_they_differ():
+    from types import SimpleNamespace
+
+    import torch
+
+    from kernels.kv_layout import k_cache_view
+    from kernels.testing import alloc_kv_cache
+    from specguard_vllm.plugin.grounding_selfcheck import check_cache_layout
+
+    kv_cache, backend = alloc_kv_cache(4, 2, 16, 8, "NHD", torch.float32, "cpu")
+    key = torch.randn(5, 2 * 8)  # [tokens, kv_heads * head_size], as some models pass it
+    slots = torch.tensor([17, 18, 40, -1, 3])  # one padded token (slot -1)
+    key_cache = kv_cache.transpose(1, 2).split(8, dim=-1)[0]  # what reshape_and_cache_flash writes
+    written = slots >= 0
+    key_cache[slots[written] // 16, slots[written] % 16] = key.view(5, 2, 8)[written]
+    k_view = k_cache_view(kv_cache, backend, 8)
+    metadata = SimpleNamespace(slot_mapping=slots, num_actual_tokens=5)
+    assert check_cache_layout(k_view, key, metadata, backend, layer=None)
+    assert not check_cache_layout(k_view, None, metadata, backend, layer=None)  # cannot tell
+    with pytest.raises(RuntimeError, match=r"FLASH_ATTN KV cache \(ISA 'amx'\) is not laid out"):
+        check_cache_layout(k_view, key + 1.0, metadata, backend, layer=SimpleNamespace(isa="amx"))
+
+
+def test_kernel_selfcheck_switches_the_process_to_the_reference_on_disagreement():
+    import torch
+
+    from kernels import dispatch
+    from specguard_vllm.plugin.grounding_selfcheck import check_kernel
+
+    pm, blk = torch.rand(6), torch.rand(6, 4)
+    try:
+        assert check_kernel((pm, blk), (pm.clone(), blk.clone()), rows=6, step=4)
+        assert dispatch._TRITON_DISABLED is None
+        off = blk.clone()
+        off[2, 1] += 0.01
+        assert not check_kernel((pm, blk), (pm, off), rows=6, step=4)
+        assert "differs from its PyTorch reference" in dispatch._TRITON_DISABLED
+        assert not dispatch.use_triton(torch.empty(1))
+    finally:
+        dispatch._TRITON_DISABLED = None

@@ -72,6 +72,8 @@ class GroundingCapture:
         self._indices: tuple | None = None  # (cu, query_start, seq_lens, block_table) this forward
         self._cpu_seconds = 0.0
         self._events: list[tuple] = []  # (start, end) CUDA events of each layer's launches
+        self.layout_checked = False  # grounding_selfcheck, once per engine
+        self.kernel_checked = False
 
     @property
     def seconds(self) -> float:
@@ -145,11 +147,12 @@ class GroundingCapture:
         return ws
 
     def on_attention(self, layer_name: str, impl, query: torch.Tensor, kv_cache: torch.Tensor,
-                     attn_metadata) -> None:
+                     attn_metadata, key: torch.Tensor | None = None, layer=None) -> None:
         position = self.layer_positions.get(layer_name)
         if position is None or not self.armed or attn_metadata is None or self.batch is None:
             return
-        from kernels.dispatch import k_cache_view, step_grounding_stats
+        from kernels.dispatch import k_cache_view, step_grounding_stats, use_triton
+        from specguard_vllm.plugin import grounding_selfcheck
 
         batch = self.batch
         on_gpu = query.is_cuda
@@ -158,13 +161,28 @@ class GroundingCapture:
             start.record()
         else:
             started = time.perf_counter()
+        k_view = k_cache_view(kv_cache, self.backend_name, impl.head_size)
+        if not self.layout_checked:
+            self.layout_checked = grounding_selfcheck.check_cache_layout(
+                k_view, key, attn_metadata, self.backend_name, layer)
         cu, query_start, seq_lens, block_table = self._forward_indices(attn_metadata, query.device)
         ws = self._workspace(position, query.shape[1], query.device)
-        prefix_mass, block = step_grounding_stats(
-            query, k_cache_view(kv_cache, self.backend_name, impl.head_size), block_table,
-            seq_lens, cu, scale=float(impl.scale), sparsity=self.sparsity,
-            max_step_len=max(max(batch.num_draft_tokens), 1), query_start=query_start,
-            workspace=ws)
+        step = max(max(batch.num_draft_tokens), 1)
+        args = (query, k_view, block_table, seq_lens, cu)
+        kw = dict(scale=float(impl.scale), sparsity=self.sparsity, max_step_len=step,
+                  query_start=query_start)
+        checking = not self.kernel_checked and use_triton(query)
+        prefix_mass, block = step_grounding_stats(*args, workspace=ws, **kw)
+        if checking:
+            from kernels.step_grounding_ref import step_grounding_stats_ref
+
+            self.kernel_checked = True
+            reference = step_grounding_stats_ref(*args, **kw)
+            if not grounding_selfcheck.check_kernel((prefix_mass, block), reference,
+                                                    batch.total, step):
+                rows = batch.total
+                prefix_mass[:rows].copy_(reference[0][:rows])
+                block[:rows, :step].copy_(reference[1][:rows])
         batch.prefix_mass[position] = prefix_mass
         batch.block[position] = block
         if on_gpu:

@@ -293,7 +293,7 @@ def patch_attention_impls() -> None:  # P11
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
             result = original(self, layer, query, key, value, kv_cache, attn_metadata, output,
                               *args, **kwargs)
-            grounding_hook(self, layer, query, kv_cache, attn_metadata)
+            grounding_hook(self, layer, query, kv_cache, attn_metadata, key=key)
             return result
         return forward
 

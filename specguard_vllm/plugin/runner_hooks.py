@@ -177,12 +177,11 @@ def on_update_states(runner, scheduler_output) -> None:
     state.metrics.set_tracked(len(state.steps))
 
 
-def grounding_hook(impl, layer, query, kv_cache, attn_metadata) -> None:
+def grounding_hook(impl, layer, query, kv_cache, attn_metadata, key=None) -> None:
     capture = grounding_capture.ACTIVE
     if capture is None or not capture.armed:
         return
     name = getattr(layer, "layer_name", None)
     if name is None or name not in capture.layer_positions:
         return
-    capture.on_attention(name, impl, query, kv_cache, attn_metadata)
-
+    capture.on_attention(name, impl, query, kv_cache, attn_metadata, key=key, layer=layer)
