@@ -164,9 +164,7 @@ def bench_grounding(ctx: int, step: int, batch: int, device: str, reps: int) -> 
     row["reference_ms"] = 1e3 * timed(lambda: step_grounding_stats_ref(*args, **kw), device, reps)
     row["attention_ms"] = 1e3 * timed(mirrored_attention(case), device, reps)
     if on_gpu:
-        from kernels.step_grounding import step_grounding_stats_triton
-
-        from kernels.step_grounding import default_num_splits
+        from kernels.step_grounding import default_num_splits, step_grounding_stats_triton
 
         splits = default_num_splits(batch, case.query.device)
         ws = GroundingWorkspace.allocate(batch * step, HEADS, step, max_splits=splits,

@@ -126,24 +126,26 @@ class GroundingCapture:
             self._indices = (cu, query_start, attn_metadata.seq_lens[:num_reqs], table[:num_reqs])
         return self._indices
 
-    def _workspace(self, position: int, num_heads: int, device: torch.device):
-        """This layer's persistent workspace, regrown when a batch outgrows it."""
+    def _workspace(self, position: int, num_heads: int, step: int, device: torch.device):
+        """This layer's persistent workspace, regrown (never shrunk) when a batch outgrows it."""
         from kernels import GroundingWorkspace
         from kernels.step_grounding import default_num_splits
 
-        n_list = self.batch.num_draft_tokens
-        batch, step = len(n_list), max(max(n_list), 1)
+        batch = len(self.batch.num_draft_tokens)
         rows = batch * step
         splits = default_num_splits(batch, device)
         ws = self.workspaces.get(position)
-        if ws is None or ws.num_heads != num_heads or not ws.fits(rows, splits, batch, step):
-            old = (ws.max_tokens, ws.max_step_len, ws.split_capacity, ws.max_batch) if ws else (0,) * 4
-            max_tokens, max_step, max_batch = max(rows, old[0]), max(step, old[1]), max(batch, old[3])
-            capacity = max(rows * splits, old[2])
-            ws = GroundingWorkspace.allocate(max_tokens, num_heads, max_step,
-                                             max_splits=-(-capacity // max_tokens), device=device,
-                                             max_batch=max_batch)
-            self.workspaces[position] = ws
+        if ws is not None and ws.num_heads == num_heads and ws.fits(rows, splits, batch, step):
+            return ws
+        if ws is not None:
+            rows_cap, step = max(rows, ws.max_tokens), max(step, ws.max_step_len)
+            capacity, batch = max(rows * splits, ws.split_capacity), max(batch, ws.max_batch)
+        else:
+            rows_cap, capacity = rows, rows * splits
+        ws = GroundingWorkspace.allocate(rows_cap, num_heads, step,
+                                         max_splits=-(-capacity // rows_cap), device=device,
+                                         max_batch=batch)
+        self.workspaces[position] = ws
         return ws
 
     def on_attention(self, layer_name: str, impl, query: torch.Tensor, kv_cache: torch.Tensor,
@@ -166,8 +168,8 @@ class GroundingCapture:
             self.layout_checked = grounding_selfcheck.check_cache_layout(
                 k_view, key, attn_metadata, self.backend_name, layer)
         cu, query_start, seq_lens, block_table = self._forward_indices(attn_metadata, query.device)
-        ws = self._workspace(position, query.shape[1], query.device)
         step = max(max(batch.num_draft_tokens), 1)
+        ws = self._workspace(position, query.shape[1], step, query.device)
         args = (query, k_view, block_table, seq_lens, cu)
         kw = dict(scale=float(impl.scale), sparsity=self.sparsity, max_step_len=step,
                   query_start=query_start)

@@ -53,7 +53,7 @@ def check_cache_layout(k_view: torch.Tensor, key: torch.Tensor | None, attn_meta
     return True
 
 
-def kernel_agrees(result: tuple[torch.Tensor, torch.Tensor],
+def kernel_difference(result: tuple[torch.Tensor, torch.Tensor],
                   reference: tuple[torch.Tensor, torch.Tensor], rows: int, step: int) -> float:
     """Largest difference between the kernel's and the reference's statistics."""
     (pm, blk), (pr, br) = result, reference
@@ -67,7 +67,7 @@ def check_kernel(result, reference, rows: int, step: int) -> bool:
     """True if the Triton result matches; otherwise switch this process to the reference."""
     from kernels.dispatch import disable_triton
 
-    err = kernel_agrees(result, reference, rows, step)
+    err = kernel_difference(result, reference, rows, step)
     if err <= KERNEL_TOLERANCE:
         logger.info("SpecGuard: Triton grounding kernel matches its reference on this device "
                     "(max difference %.2e)", err)

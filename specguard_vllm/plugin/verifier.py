@@ -107,12 +107,13 @@ class SpecGuardRejectionSampler(RejectionSampler):
             return None
         batch = capture.batch
         n_max = max(step_lens, default=0)
-        num_rows_t = batch.prefix_mass[0].shape[0] if batch.prefix_mass else 0
+        num_rows_t = sum(metadata.num_draft_tokens) if batch.prefix_mass else 0
         if n_max == 0 or num_rows_t == 0:
             g_min = torch.ones(len(step_lens), dtype=torch.float32, device=device)
         else:
-            masses = torch.stack(batch.prefix_mass)  # [m, T]
-            blocks = torch.stack(batch.block)  # [m, T, K]
+            # Only this batch's rows: the capture's buffers are sized for the largest batch.
+            masses = torch.stack([pm[:num_rows_t] for pm in batch.prefix_mass])  # [m, T]
+            blocks = torch.stack([blk[:num_rows_t] for blk in batch.block])  # [m, T, K]
             src = masses.device
             # Rollout is causal: a step's positions never depend on the tail after it,
             # so only the first step_lens[i] rows and columns of request i are read.
