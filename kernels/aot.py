@@ -5,7 +5,7 @@ The interpreter checks semantics but accepts code the compiler rejects
 builds each kernel for sm_90 (Hopper) and sm_80 (Ampere) down to a cubin with
 the ptxas bundled in the Triton wheel. Run it without ``TRITON_INTERPRET``::
 
-    python -m kernels.aot cuda:90 cuda:80 [--full]
+    python -m specguard_vllm.kernels.aot cuda:90 cuda:80 [--full]
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def variants(arch: int, full: bool):
     Quick mode (CI): all dtypes on sm_90, bf16 on the others, one grounding tile;
     ``--full`` adds every dtype everywhere and the largest tile (step 32, GQA 8).
     """
-    from kernels import min_logprob as ml
-    from kernels import step_grounding as sg
+    from . import min_logprob as ml
+    from . import step_grounding as sg
 
     f32 = {n: "fp32" for n in ("m_ptr", "l_ptr", "lse_ptr", "sums_ptr", "bk_ptr", "ba_ptr",
                                 "pm_ptr", "blk_ptr", "lp_ptr", "min_ptr")}

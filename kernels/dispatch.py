@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from kernels.kv_layout import k_cache_view
-from kernels.min_logprob_ref import step_min_logprob_ref
-from kernels.step_grounding_ref import step_grounding_stats_ref
-from kernels.workspace import GroundingWorkspace
+from .kv_layout import k_cache_view
+from .min_logprob_ref import step_min_logprob_ref
+from .step_grounding_ref import step_grounding_stats_ref
+from .workspace import GroundingWorkspace
 
 __all__ = ["GroundingWorkspace", "disable_triton", "k_cache_view", "step_grounding_stats",
            "step_min_logprob", "use_triton"]
@@ -58,7 +58,7 @@ def step_grounding_stats(
     ``[n, n]`` slices (``block[rows, :n]``).
     """
     if use_triton(query):
-        from kernels.step_grounding import step_grounding_stats_triton
+        from .step_grounding import step_grounding_stats_triton
 
         return step_grounding_stats_triton(
             query, k_view, block_table, seq_lens, cu_step_lens, scale=scale, sparsity=sparsity,
@@ -87,7 +87,7 @@ def step_min_logprob(
     for callers that capture it in a CUDA graph; the reference ignores it.
     """
     if use_triton(logits):
-        from kernels.min_logprob import step_min_logprob_triton
+        from .min_logprob import step_min_logprob_triton
 
         return step_min_logprob_triton(
             logits, token_ids, cu_num_tokens, max_step_len=max_step_len, rows=rows,

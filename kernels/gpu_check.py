@@ -3,7 +3,8 @@
 Needs only torch and triton (no vLLM, no network); about 2-4 minutes on an H100,
 most of it Triton JIT compilation and the benchmark grid.
 
-    python -m kernels.gpu_check [--json PATH] [--full]
+    python -m specguard_vllm.kernels.gpu_check [--json PATH] [--full]   # installed
+    python -m kernels.gpu_check [--json PATH] [--full]                  # bare box, repo root
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ import time
 
 import torch
 
+if __package__ == "kernels":
+    # A bare GPU box runs this from the repo root without installing the package; the
+    # benchmark imports the installed name, so point it at this same folder.
+    import specguard_vllm
+
+    sys.modules.setdefault("specguard_vllm.kernels", sys.modules["kernels"])
+    specguard_vllm.kernels = sys.modules["kernels"]
+
 
 def check_grounding() -> int:
-    from kernels.step_grounding import step_grounding_stats_triton
-    from kernels.step_grounding_ref import step_grounding_stats_ref
-    from kernels.testing import LAYOUTS, make_grounding_case, threshold_margin
+    from .step_grounding import step_grounding_stats_triton
+    from .step_grounding_ref import step_grounding_stats_ref
+    from .testing import LAYOUTS, make_grounding_case, threshold_margin
 
     rng, failures, worst = random.Random(0), 0, 0.0
     configs = [(l, dt) for l in LAYOUTS[:3] for dt in (torch.float32, torch.float16, torch.bfloat16)]
@@ -59,10 +68,10 @@ def check_arrival_ordering(repeats: int = 40) -> int:
     (``arrive_last``); a memory-ordering bug there shows as an occasional wrong
     row, which the interpreter cannot reveal. Every repeat is checked.
     """
-    from kernels.step_grounding import step_grounding_stats_triton
-    from kernels.step_grounding_ref import step_grounding_stats_ref
-    from kernels.testing import make_grounding_case
-    from kernels.workspace import GroundingWorkspace
+    from .step_grounding import step_grounding_stats_triton
+    from .step_grounding_ref import step_grounding_stats_ref
+    from .testing import make_grounding_case
+    from .workspace import GroundingWorkspace
 
     failures, worst = 0, 0.0
     for steps, ctxs, splits, block_n in (([8], [32760], None, None),
@@ -96,12 +105,12 @@ def check_cuda_graph() -> int:
 
     Both scorer kernels are in the graph, with their static arrival counters.
     """
-    from kernels.min_logprob import step_min_logprob_triton
-    from kernels.min_logprob_ref import step_min_logprob_ref
-    from kernels.step_grounding import step_grounding_stats_triton
-    from kernels.step_grounding_ref import step_grounding_stats_ref
-    from kernels.testing import make_grounding_case, make_logits_case
-    from kernels.workspace import GroundingWorkspace
+    from .min_logprob import step_min_logprob_triton
+    from .min_logprob_ref import step_min_logprob_ref
+    from .step_grounding import step_grounding_stats_triton
+    from .step_grounding_ref import step_grounding_stats_ref
+    from .testing import make_grounding_case, make_logits_case
+    from .workspace import GroundingWorkspace
 
     case = make_grounding_case([4, 4, 4], [500, 2000, 3000], num_heads=8, num_kv_heads=2,
                                head_dim=128, dtype=torch.bfloat16, device="cuda", max_step_len=4,
@@ -157,9 +166,9 @@ def check_cuda_graph() -> int:
 
 
 def check_min_logprob() -> int:
-    from kernels.min_logprob import step_min_logprob_triton
-    from kernels.min_logprob_ref import step_min_logprob_ref
-    from kernels.testing import make_logits_case
+    from .min_logprob import step_min_logprob_triton
+    from .min_logprob_ref import step_min_logprob_ref
+    from .testing import make_logits_case
 
     failures, worst = 0, 0.0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):

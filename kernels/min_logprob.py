@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.step_grounding import LOG2E_C, SUPPORTED_DTYPES, arrive_last, interpreting
-from kernels.workspace import next_pow2
+from .step_grounding import LOG2E_C, SUPPORTED_DTYPES, arrive_last, interpreting
+from .workspace import next_pow2
 
 
 @triton.jit

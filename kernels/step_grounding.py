@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.workspace import GroundingWorkspace, next_pow2
+from .workspace import GroundingWorkspace, next_pow2
 
 LOG2E = 1.4426950408889634
 FLOAT_TINY = 1.1754943508222875e-38

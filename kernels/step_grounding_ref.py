@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kv_layout import gather_keys
+from .kv_layout import gather_keys
 from specguard_vllm.core.grounding import step_attention_stats
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_layout import gather_keys, k_cache_view
+from .kv_layout import gather_keys, k_cache_view
 
 # Physical orders of the per-layer logical [blocks, kv_heads, block_size, 2*D] tensor
 # (vLLM's KVCacheLayout members, without the layer axis unless interleaved).

@@ -184,8 +184,8 @@ def test_grounding_capture_reuses_one_workspace_per_layer_and_matches_the_refere
 
     import torch
 
-    from kernels.step_grounding_ref import step_grounding_stats_ref
-    from kernels.testing import make_grounding_case
+    from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
+    from specguard_vllm.kernels.testing import make_grounding_case
     from specguard_vllm.plugin.grounding_capture import GroundingCapture
 
     capture = GroundingCapture({"model.layers.0.attn": 0, "model.layers.1.attn": 1}, 0.01, "CPU_ATTN")
@@ -274,8 +274,8 @@ def test_layout_selfcheck_passes_on_written_keys_and_names_the_backend_when_they
 
     import torch
 
-    from kernels.kv_layout import k_cache_view
-    from kernels.testing import alloc_kv_cache
+    from specguard_vllm.kernels.kv_layout import k_cache_view
+    from specguard_vllm.kernels.testing import alloc_kv_cache
     from specguard_vllm.plugin.grounding_selfcheck import check_cache_layout
 
     kv_cache, backend = alloc_kv_cache(4, 2, 16, 8, "NHD", torch.float32, "cpu")
@@ -295,7 +295,7 @@ def test_layout_selfcheck_passes_on_written_keys_and_names_the_backend_when_they
 def test_kernel_selfcheck_switches_the_process_to_the_reference_on_disagreement():
     import torch
 
-    from kernels import dispatch
+    from specguard_vllm.kernels import dispatch
     from specguard_vllm.plugin.grounding_selfcheck import check_kernel
 
     pm, blk = torch.rand(6), torch.rand(6, 4)

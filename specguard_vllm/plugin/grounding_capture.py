@@ -128,8 +128,8 @@ class GroundingCapture:
 
     def _workspace(self, position: int, num_heads: int, step: int, device: torch.device):
         """This layer's persistent workspace, regrown (never shrunk) when a batch outgrows it."""
-        from kernels import GroundingWorkspace
-        from kernels.step_grounding import default_num_splits
+        from specguard_vllm.kernels import GroundingWorkspace
+        from specguard_vllm.kernels.step_grounding import default_num_splits
 
         batch = len(self.batch.num_draft_tokens)
         rows = batch * step
@@ -153,7 +153,7 @@ class GroundingCapture:
         position = self.layer_positions.get(layer_name)
         if position is None or not self.armed or attn_metadata is None or self.batch is None:
             return
-        from kernels.dispatch import k_cache_view, step_grounding_stats, use_triton
+        from specguard_vllm.kernels.dispatch import k_cache_view, step_grounding_stats, use_triton
         from specguard_vllm.plugin import grounding_selfcheck
 
         batch = self.batch
@@ -176,7 +176,7 @@ class GroundingCapture:
         checking = not self.kernel_checked and use_triton(query)
         prefix_mass, block = step_grounding_stats(*args, workspace=ws, **kw)
         if checking:
-            from kernels.step_grounding_ref import step_grounding_stats_ref
+            from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
 
             self.kernel_checked = True
             reference = step_grounding_stats_ref(*args, **kw)

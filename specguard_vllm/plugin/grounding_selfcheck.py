@@ -28,7 +28,7 @@ def check_cache_layout(k_view: torch.Tensor, key: torch.Tensor | None, attn_meta
     Returns False when this forward cannot tell (no key tensor or slot mapping), so
     the caller tries again on the next one.
     """
-    from kernels.kv_layout import check_k_view
+    from specguard_vllm.kernels.kv_layout import check_k_view
 
     slots = getattr(attn_metadata, "slot_mapping", None)
     num = getattr(attn_metadata, "num_actual_tokens", None)
@@ -65,7 +65,7 @@ def kernel_difference(result: tuple[torch.Tensor, torch.Tensor],
 
 def check_kernel(result, reference, rows: int, step: int) -> bool:
     """True if the Triton result matches; otherwise switch this process to the reference."""
-    from kernels.dispatch import disable_triton
+    from specguard_vllm.kernels.dispatch import disable_triton
 
     err = kernel_difference(result, reference, rows, step)
     if err <= KERNEL_TOLERANCE:

@@ -33,7 +33,7 @@ from vllm.v1.sample.rejection_sampler import (
 )
 
 from specguard_vllm.config import SpecGuardConfig
-from kernels.dispatch import step_min_logprob
+from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import rollout_grounding_min
 from specguard_vllm.plugin import grounding_capture

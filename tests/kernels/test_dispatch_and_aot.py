@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import GroundingWorkspace, step_grounding_stats, step_min_logprob
-from kernels.min_logprob_ref import step_min_logprob_ref
-from kernels.step_grounding_ref import step_grounding_stats_ref
-from kernels.testing import make_grounding_case, make_logits_case
+from specguard_vllm.kernels import GroundingWorkspace, step_grounding_stats, step_min_logprob
+from specguard_vllm.kernels.min_logprob_ref import step_min_logprob_ref
+from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
+from specguard_vllm.kernels.testing import make_grounding_case, make_logits_case
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ def test_cpu_dispatch_uses_reference_and_fills_the_workspace():
 def test_every_kernel_compiles_for_sm90_and_sm80_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "kernels.aot", "cuda:90", "cuda:80"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "specguard_vllm.kernels.aot", "cuda:90", "cuda:80"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)

@@ -5,9 +5,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.min_logprob import step_min_logprob_triton
-from kernels.min_logprob_ref import step_min_logprob_ref
-from kernels.testing import make_logits_case
+from specguard_vllm.kernels.min_logprob import step_min_logprob_triton
+from specguard_vllm.kernels.min_logprob_ref import step_min_logprob_ref
+from specguard_vllm.kernels.testing import make_logits_case
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))

@@ -5,11 +5,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kernels.kv_layout import k_cache_view
-from kernels.step_grounding import step_grounding_stats_triton
-from kernels.step_grounding_ref import step_grounding_stats_ref
-from kernels.testing import LAYOUTS, make_grounding_case, threshold_margin
-from kernels.workspace import GroundingWorkspace
+from specguard_vllm.kernels.kv_layout import k_cache_view
+from specguard_vllm.kernels.step_grounding import step_grounding_stats_triton
+from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
+from specguard_vllm.kernels.testing import LAYOUTS, make_grounding_case, threshold_margin
+from specguard_vllm.kernels.workspace import GroundingWorkspace
 from specguard_vllm.core.grounding import step_attention_stats
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -101,7 +101,7 @@ def test_reused_workspace_does_not_leak_stale_rows(device):
 def test_more_splits_than_one_merge_tile_and_counters_rearm(device):
     """47 active chunks (> S_BLOCK): the last program's merge loop runs twice; every call
     leaves the arrival counters at zero, so the next call (or graph replay) starts clean."""
-    from kernels.step_grounding import S_BLOCK
+    from specguard_vllm.kernels.step_grounding import S_BLOCK
 
     ws = GroundingWorkspace.allocate(16, 4, 8, max_splits=48, device=device)
     case = make_grounding_case([3, 5], [1500, 300], device=device, max_step_len=8, seed=12)
@@ -158,7 +158,7 @@ def _write_keys_like_backend(kv_cache, backend, keys, slots, head_dim):
 @pytest.mark.parametrize("layout", ["NHD", "HND", "NHD_INTERLEAVED", "CPU"])
 def test_reads_each_backends_own_cache(device, layout):
     """Keys written by the backend's cache update, checked against the keys themselves."""
-    from kernels.testing import alloc_kv_cache
+    from specguard_vllm.kernels.testing import alloc_kv_cache
 
     if layout == "CPU":
         pytest.importorskip("vllm._custom_ops")
