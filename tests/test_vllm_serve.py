@@ -43,6 +43,18 @@ def client(server):
     return OpenAI(base_url=server + "/v1", api_key="unused", timeout=120)
 
 
+def test_servers_start_through_the_vllm_command_users_type():
+    """The README's `vllm serve ...` is the `vllm` script in the venv, not `python -m`: the
+    script must survive vLLM spawning its engine core (which re-imports the main module)."""
+    from specguard_vllm.serving import vllm_command
+
+    command = vllm_command()
+    assert command == [str(Path(sys.executable).parent / "vllm")], (
+        f"serve tests would not run the user's `vllm` command: {command} (run `make venv`)")
+    text = Path(command[0]).read_text()
+    assert 'if __name__ == "__main__":' in text
+
+
 def metric_values(base_url: str, name: str) -> dict[str, float]:
     text = requests.get(base_url + "/metrics", timeout=10).text
     values = {}
