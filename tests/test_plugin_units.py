@@ -14,7 +14,13 @@ from specguard_vllm.plugin.config_bridge import (
     specguard_from_additional_config,
     to_vllm_speculative_config,
 )
-from specguard_vllm.plugin.step_state import StepStateTable
+from specguard_vllm.plugin.step_state import (
+    NO_STEP,
+    RowVerdict,
+    StepMode,
+    StepStateTable,
+    Verdict,
+)
 
 GOOD = {"method": "specguard", "model": "some/draft", "num_speculative_tokens": 8,
         "specguard": {"tau": 0.6}}
@@ -103,6 +109,121 @@ def test_patched_vllm_parser_takes_a_path_and_refuses_bad_configs(tmp_path):
         parser.parse_args(["--speculative-config", str(bad)])
 
 
+class _Target:
+    """A stand-in for a vLLM class (patched by the tests below, never by the plugin)."""
+
+    def greet(self, name):
+        return f"hello {name}"
+
+    @staticmethod
+    def build(x):
+        return [x]
+
+
+class _Child(_Target):
+    pass
+
+
+def test_vllm_patch_keeps_originals_reachable_and_applies_once():
+    from specguard_vllm.plugin.patching import VllmPatch
+
+    class Patch(VllmPatch):
+        target = f"{__name__}:_Target"
+
+        def greet(self, name):
+            return self._orig_greet(name).upper()
+
+        @staticmethod
+        def build(x):
+            return Patch.original("build")(x) + ["patched"]
+
+        def added(self):
+            return "new"
+
+    class ChildPatch(VllmPatch):
+        target = f"{__name__}:_Child"
+
+        def added(self):
+            return "child"
+
+    Patch.apply()
+    Patch.apply()  # idempotent: read off the target class, not a module flag
+    ChildPatch.apply()  # the parent's record does not count for the child
+    assert _Target().greet("x") == "HELLO X"
+    assert _Target.build(1) == [1, "patched"]  # once, not twice
+    assert _Target().added() == "new" and not hasattr(_Target, "_orig_added")
+    assert _Child().added() == "child" and _Child().greet("y") == "HELLO Y"
+    assert _Target._specguard_patches == ("Patch",)
+    assert _Child._specguard_patches == ("ChildPatch",)
+
+
+def test_optional_patch_of_a_missing_backend_is_skipped():
+    from specguard_vllm.plugin.patches import GroundingAttentionPatch
+
+    class Missing(GroundingAttentionPatch):
+        target = "no_such_module_here:Impl"
+
+    Missing.apply()  # no error: a GPU backend that is not installed
+    assert set(Missing.overrides()) == {"forward"}
+
+
+class _AttentionImpl:
+    """A stand-in for a backend's ``AttentionImpl`` (patched by the test below)."""
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, **kwargs):
+        layer.log.append(("attention", layer.layer_name))
+        return output
+
+
+def test_attention_hook_finds_the_capture_on_grounding_layers_only():
+    from types import SimpleNamespace
+
+    from specguard_vllm.plugin.grounding_capture import GroundingCapture, capture_of
+    from specguard_vllm.plugin.patches import GroundingAttentionPatch
+
+    class Capture(GroundingCapture):
+        def on_attention(self, layer_name, impl, query, kv_cache, attn_metadata, key=None, layer=None):
+            layer.log.append(("grounding", layer_name))
+
+    class Patch(GroundingAttentionPatch):
+        target = f"{__name__}:_AttentionImpl"
+
+    Patch.apply()
+    log = []
+    grounding = SimpleNamespace(layer_name="model.layers.1.attn", log=log)
+    other = SimpleNamespace(layer_name="model.layers.0.attn", log=log)
+    capture = Capture({"model.layers.1.attn": 0}, 0.01, "CPU_ATTN")
+    capture.attach_to([grounding])
+    assert capture_of(grounding) is capture and capture_of(other) is None
+    impl = _AttentionImpl()
+    assert impl.forward(grounding, None, None, None, None, None, output="out") == "out"  # disarmed
+    capture.arm([2])
+    impl.forward(other, None, None, None, None, None, output="out")
+    impl.forward(grounding, None, None, None, None, None, output="out")
+    assert log == [("attention", "model.layers.1.attn"), ("attention", "model.layers.0.attn"),
+                   ("attention", "model.layers.1.attn"), ("grounding", "model.layers.1.attn")]
+
+
+def test_every_patch_is_applied_once_to_its_vllm_class():
+    from specguard_vllm.plugin import patches
+
+    patches.apply_all_patches()
+    patches.apply_all_patches()
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.worker import gpu_model_runner
+
+    from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
+
+    for patch in (patches.EngineArgsPatch, patches.SamplingParamsPatch, patches.GPUModelRunnerPatch,
+                  patches.CPUAttentionPatch, patches.WorkerBasePatch):
+        assert vars(patch.target_class())["_specguard_patches"] == (patch.__name__,)
+    assert gpu_model_runner.DraftModelProposer is SpecGuardDraftProposer
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    (action,) = [a for a in parser._actions if "--speculative-config" in a.option_strings]
+    assert action.help.count("SpecGuard: also a path") == 1
+
+
 def test_request_override_validation_in_sampling_params():
     from specguard_vllm.plugin.patches import apply_all_patches
 
@@ -123,58 +244,92 @@ def table() -> StepStateTable:
     return StepStateTable(StepSegmenter(lambda ids: "".join(VOCAB[i] for i in ids), 4, ["\n"], [3]))
 
 
+ACCEPTED, REJECTED, TOKEN_LEVEL = (RowVerdict(Verdict.ACCEPTED), RowVerdict(Verdict.REJECTED),
+                                   RowVerdict(Verdict.TOKEN_LEVEL))
+
+
 def test_rejected_step_gets_no_drafts_until_the_target_writes_the_delimiter():
     steps = table()
-    steps.after_sampling("r", [0], verified=None)          # prefill token
-    assert steps.truncate_draft("r", [1, 0, 2, 1]) == [1, 0, 2]
-    steps.after_sampling("r", [1], verified=False)          # step rejected: target's token only
-    assert steps.truncate_draft("r", [0, 2]) == []
-    steps.after_sampling("r", [0], verified=None)
-    assert steps.truncate_draft("r", [0, 2]) == []
-    steps.after_sampling("r", [2], verified=None)          # the target ends the step
-    assert steps.truncate_draft("r", [0, 0, 2, 0]) == [0, 0, 2]
-    steps.after_sampling("r", [0, 0, 2, 1], verified=True)  # accepted + bonus
-    assert not steps.get("r").regenerating and steps.get("r").open_step == [1]
+    steps.after_sampling("r", [0], NO_STEP)          # prefill token
+    assert steps.truncate_draft("r", [1, 0, 2, 1]).tokens == [1, 0, 2]
+    steps.after_sampling("r", [1], REJECTED)          # step rejected: target's token only
+    assert steps.truncate_draft("r", [0, 2]).tokens == []
+    steps.after_sampling("r", [0], NO_STEP)
+    assert steps.truncate_draft("r", [0, 2]).tokens == []
+    steps.after_sampling("r", [2], NO_STEP)          # the target ends the step
+    assert steps.truncate_draft("r", [0, 0, 2, 0]).tokens == [0, 0, 2]
+    steps.after_sampling("r", [0, 0, 2, 1], ACCEPTED)  # accepted + bonus
+    assert steps.get("r").mode is not StepMode.REGENERATING and steps.get("r").open_step == [1]
     steps.forget(["r"])
     assert len(steps) == 0
 
 
 def test_rejection_whose_token_ends_the_step_does_not_regenerate():
     steps = table()
-    steps.after_sampling("r", [2], verified=False)
-    assert not steps.get("r").regenerating
-    assert steps.truncate_draft("r", [1, 1]) == [1, 1]
+    steps.after_sampling("r", [2], REJECTED)
+    assert steps.get("r").mode is not StepMode.REGENERATING
+    assert steps.truncate_draft("r", [1, 1]).tokens == [1, 1]
 
 
 def test_speculative_fallback_verifies_token_level_until_the_step_ends():
     steps = table()
-    steps.after_sampling("r", [0], verified=None)
-    steps.after_sampling("r", [0, 1], verified="token")       # kept prefix + recovered token
+    steps.after_sampling("r", [0], NO_STEP)
+    steps.after_sampling("r", [0, 1], TOKEN_LEVEL)       # kept prefix + recovered token
     state = steps.get("r")
-    assert state.token_level and not state.regenerating and state.open_step == [0, 0, 1]
-    assert steps.truncate_draft("r", [1, 2, 0]) == [1, 2]       # drafts continue the step
-    steps.after_sampling("r", [1, 2, 0], verified="token")    # the step ends, bonus opens the next
+    assert state.mode is StepMode.TOKEN_LEVEL and state.open_step == [0, 0, 1]
+    assert steps.truncate_draft("r", [1, 2, 0]).tokens == [1, 2]       # drafts continue the step
+    steps.after_sampling("r", [1, 2, 0], TOKEN_LEVEL)    # the step ends, bonus opens the next
     state = steps.get("r")
-    assert not state.token_level and state.open_step == [0]
+    assert state.mode is not StepMode.TOKEN_LEVEL and state.open_step == [0]
 
 
 def test_speculative_drafts_keep_the_tail_and_remember_the_step_length():
     steps = table()
-    steps.after_sampling("r", [0], verified=None)
+    steps.after_sampling("r", [0], NO_STEP)
     # The row runs past the step's end; only the step part is judged, and EOS cuts the row.
-    assert steps.truncate_draft("r", [1, 2, 0, 1, 3, 0], keep_tail=True) == [1, 2, 0, 1, 3]
-    assert steps.get("r").draft_step_len == 2
+    draft = steps.truncate_draft("r", [1, 2, 0, 1, 3, 0], keep_tail=True)
+    assert draft.tokens == [1, 2, 0, 1, 3]
+    assert draft.step_len == 2
     # Accepted step of 2 tokens, then the kept tail [0] and the target's token 1.
-    steps.after_sampling("r", [1, 2, 0, 1], verified=True, step_len=2)
+    steps.after_sampling("r", [1, 2, 0, 1], RowVerdict(Verdict.ACCEPTED, step_len=2))
     state = steps.get("r")
-    assert state.open_step == [0, 1] and not state.token_level
+    assert state.open_step == [0, 1] and state.mode is not StepMode.TOKEN_LEVEL
     # Finishing a rejected step token-level: nothing in the row is a step.
-    steps.after_sampling("r", [1], verified="token")
-    assert steps.truncate_draft("r", [0, 2, 1], keep_tail=True) == [0, 2, 1]
-    assert steps.get("r").draft_step_len == 0
+    steps.after_sampling("r", [1], TOKEN_LEVEL)
+    draft = steps.truncate_draft("r", [0, 2, 1], keep_tail=True)
+    assert draft.tokens == [0, 2, 1]
+    assert draft.step_len == 0
     # Without keep_tail the old cut applies and no step length is kept.
-    assert steps.truncate_draft("r", [0, 2, 1]) == [0, 2]
-    assert steps.get("r").draft_step_len is None
+    draft = steps.truncate_draft("r", [0, 2, 1])
+    assert draft.tokens == [0, 2]
+    assert draft.step_len is None
+
+
+def test_draft_step_lengths_hand_off_each_length_to_one_verification():
+    from specguard_vllm.plugin.step_state import DraftStepLengths
+
+    lengths = DraftStepLengths()
+    lengths.record("a", 3)
+    lengths.record("b", None)
+    lengths.record("c", 1)
+    assert lengths.take("a") == 3 and lengths.take("a") is None  # taken once
+    assert lengths.take("b") is None
+    lengths.forget(["c"])
+    assert lengths.take("c") is None
+
+
+def test_verdicts_name_each_rows_outcome_and_ignore_rows_they_did_not_see():
+    from specguard_vllm.core.decision import StepDecision
+    from specguard_vllm.plugin.step_state import StepVerdicts, row_verdict
+
+    accepted, rejected = StepDecision(-0.1, 0.9, 0.8, True), StepDecision(-9.0, 0.1, 0.1, False)
+    assert row_verdict(accepted, token_level=False, step_len=3) == RowVerdict(Verdict.ACCEPTED, 3)
+    assert row_verdict(rejected, token_level=False, step_len=3) == REJECTED
+    assert row_verdict(None, token_level=True, step_len=0) == TOKEN_LEVEL
+    assert row_verdict(None, token_level=False, step_len=0) == NO_STEP
+    verdicts = StepVerdicts(["a", "b"], [REJECTED, TOKEN_LEVEL])
+    assert verdicts.row(1, "b") == TOKEN_LEVEL
+    assert verdicts.row(1, "a") == NO_STEP and verdicts.row(2, "c") == NO_STEP
 
 
 def test_grounding_capture_reuses_one_workspace_per_layer_and_matches_the_reference():
@@ -183,9 +338,9 @@ def test_grounding_capture_reuses_one_workspace_per_layer_and_matches_the_refere
     from types import SimpleNamespace
 
     import torch
-
     from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
     from specguard_vllm.kernels.testing import make_grounding_case
+
     from specguard_vllm.plugin.grounding_capture import GroundingCapture
 
     capture = GroundingCapture({"model.layers.0.attn": 0, "model.layers.1.attn": 1}, 0.01, "CPU_ATTN")
@@ -227,13 +382,13 @@ def test_verifier_grounding_rolls_out_every_row_at_once_and_ignores_tails():
     import torch
 
     from specguard_vllm.core.grounding import rollout_grounding, step_attention_stats
-    from specguard_vllm.plugin import grounding_capture
+    from specguard_vllm.plugin.grounding_capture import GroundingCapture
     from specguard_vllm.plugin.verifier import SpecGuardRejectionSampler
 
     gen = torch.Generator().manual_seed(5)
     num_drafts, step_lens, k = [4, 0, 3, 5], [2, 0, 3, 5], 6
     rows = sum(num_drafts) + 3  # a workspace holds more rows than this batch uses
-    capture = grounding_capture.GroundingCapture({"a": 0, "b": 1}, 0.01, "CPU_ATTN")
+    capture = GroundingCapture({"a": 0, "b": 1}, 0.01, "CPU_ATTN")
     capture.arm(num_drafts)
     masses, blocks = [], []
     for layer in range(2):
@@ -249,13 +404,9 @@ def test_verifier_grounding_rolls_out_every_row_at_once_and_ignores_tails():
         capture.batch.prefix_mass[layer], capture.batch.block[layer] = pm, blk
         masses.append(pm)
         blocks.append(blk)
-    grounding_capture.ACTIVE = capture
-    try:
-        got = SpecGuardRejectionSampler._grounding(
-            SimpleNamespace(metrics=None), SimpleNamespace(num_draft_tokens=num_drafts), "cpu",
-            step_lens)
-    finally:
-        grounding_capture.ACTIVE = None
+    verifier = SimpleNamespace(metrics=None, state=SimpleNamespace(capture=capture))
+    got = SpecGuardRejectionSampler._grounding(
+        verifier, SimpleNamespace(num_draft_tokens=num_drafts), "cpu", step_lens)
     want, offset = [], 0
     for n, m in zip(num_drafts, step_lens):
         if m == 0:
@@ -273,9 +424,9 @@ def test_layout_selfcheck_passes_on_written_keys_and_names_the_backend_when_they
     from types import SimpleNamespace
 
     import torch
-
     from specguard_vllm.kernels.kv_layout import k_cache_view
     from specguard_vllm.kernels.testing import alloc_kv_cache
+
     from specguard_vllm.plugin.grounding_selfcheck import check_cache_layout
 
     kv_cache, backend = alloc_kv_cache(4, 2, 16, 8, "NHD", torch.float32, "cpu")
@@ -294,8 +445,8 @@ def test_layout_selfcheck_passes_on_written_keys_and_names_the_backend_when_they
 
 def test_kernel_selfcheck_switches_the_process_to_the_reference_on_disagreement():
     import torch
-
     from specguard_vllm.kernels import dispatch
+
     from specguard_vllm.plugin.grounding_selfcheck import check_kernel
 
     pm, blk = torch.rand(6), torch.rand(6, 4)

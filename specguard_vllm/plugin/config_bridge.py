@@ -4,7 +4,9 @@ vLLM knows no ``method: specguard``. We rewrite it, before vLLM validates the
 speculative config, into vLLM's ``draft_model`` method (so the draft-model
 KV-cache plumbing, lookahead slots and isinstance checks all keep working) and
 carry the validated ``specguard:`` block in ``additional_config["specguard"]``,
-which every worker receives and which is part of vLLM's config hash.
+which every worker receives and which is part of vLLM's config hash. The checks
+against the target model and the settings SpecGuard forces on CUDA run at the same
+point (``EngineArgs.create_speculative_config``, patch P2), before any weights load.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -85,3 +88,60 @@ def specguard_from_additional_config(additional_config: Mapping[str, Any] | None
     if not additional_config or ADDITIONAL_CONFIG_KEY not in additional_config:
         return None
     return config_from_mapping(additional_config[ADDITIONAL_CONFIG_KEY], "additional_config")
+
+
+def check_draft_vocab(draft: str, target_model_config) -> None:
+    """Refuse a draft whose vocabulary differs from the target's, before loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        draft_vocab = int(AutoConfig.from_pretrained(draft).vocab_size)
+    except Exception as error:  # noqa: BLE001 - any loading problem is the user's input
+        raise ValueError(f"SpecGuard: cannot read the draft model config {draft!r}: {error}") from None
+    target_vocab = int(target_model_config.get_vocab_size())
+    if draft_vocab != target_vocab:
+        raise ValueError(
+            f"SpecGuard: draft vocabulary size {draft_vocab} ({draft}) does not match the "
+            f"target's {target_vocab}: the draft must share the target's tokenizer")
+
+
+def check_grounding_layers(layers: int, target_model_config) -> None:
+    """Refuse more grounding layers than the target has, at start rather than mid-serving."""
+    hf_config = getattr(target_model_config, "hf_text_config", None) or target_model_config.hf_config
+    num_layers = getattr(hf_config, "num_hidden_layers", None)
+    if num_layers is not None and layers > int(num_layers):
+        raise ValueError(
+            f"invalid SpecGuard config:\n  specguard.grounding_layers: {layers} but the target "
+            f"has only {num_layers} layers")
+
+
+def force_gpu_settings(engine_args) -> None:
+    """On CUDA, the settings under which the grounding hook is never skipped (logged each)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        return
+    if getattr(engine_args, "async_scheduling", None) is not False:
+        engine_args.async_scheduling = False
+        logger.warning("SpecGuard: async scheduling disabled (per-request step lengths need "
+                       "the synchronous scheduler)")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "0":
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.warning("SpecGuard: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0); "
+                       "its hooks are written for V1")
+    if not engine_args.enforce_eager:
+        from vllm.config.compilation import CUDAGraphMode
+
+        compilation = engine_args.compilation_config
+        if isinstance(compilation, dict):
+            mode = compilation.get("cudagraph_mode")
+            mode = CUDAGraphMode[mode.upper()] if isinstance(mode, str) else mode
+        else:
+            mode = getattr(compilation, "cudagraph_mode", None)
+        if mode not in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):
+            if isinstance(compilation, dict):
+                compilation["cudagraph_mode"] = CUDAGraphMode.PIECEWISE
+            else:
+                compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+            logger.warning("SpecGuard: cudagraph_mode=PIECEWISE (FULL graphs replay the "
+                           "attention without the grounding hook)")

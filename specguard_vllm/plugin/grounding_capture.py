@@ -6,6 +6,10 @@ layers we read the step rows' queries and the paged K cache right there and
 reduce them to the two per-layer statistics of SPECGUARD.md section 3 (prefix
 mass, in-step block) with ``kernels.dispatch`` (Triton on CUDA, PyTorch on CPU).
 No attention map is stored. The verifier rolls the layers out afterwards.
+
+The hook finds the capture on the grounding layers' own ``Attention`` objects (vLLM
+passes the layer to ``impl.forward``), so it needs no global and never looks at the
+draft's layers or the target's other layers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# The attention backends whose paged K cache kernels.kv_layout reads (patches.py hooks them).
+GROUNDING_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+CAPTURE_ATTRIBUTE = "specguard_grounding_capture"  # set on each grounding layer's Attention
 
 
 def grounding_layer_names(attention_layer_names, num_layers: int) -> dict[str, int]:
@@ -171,8 +178,8 @@ class GroundingCapture:
         step = max(max(batch.num_draft_tokens), 1)
         ws = self._workspace(position, query.shape[1], step, query.device)
         args = (query, k_view, block_table, seq_lens, cu)
-        kw = dict(scale=float(impl.scale), sparsity=self.sparsity, max_step_len=step,
-                  query_start=query_start)
+        kw = {"scale": float(impl.scale), "sparsity": self.sparsity, "max_step_len": step,
+              "query_start": query_start}
         checking = not self.kernel_checked and use_triton(query)
         prefix_mass, block = step_grounding_stats(*args, workspace=ws, **kw)
         if checking:
@@ -193,6 +200,12 @@ class GroundingCapture:
         else:
             self._cpu_seconds += time.perf_counter() - started
 
+    def attach_to(self, layers) -> None:
+        """Make this capture reachable from the grounding layers' ``Attention`` objects."""
+        for layer in layers:
+            setattr(layer, CAPTURE_ATTRIBUTE, self)
 
-# One engine (one model runner) per worker process: the hook finds it here.
-ACTIVE: GroundingCapture | None = None
+
+def capture_of(layer) -> GroundingCapture | None:
+    """The capture a grounding layer carries (None for every other layer)."""
+    return getattr(layer, CAPTURE_ATTRIBUTE, None)

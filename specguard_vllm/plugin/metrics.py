@@ -9,6 +9,7 @@ draft tokens accepted, a step rejected is none.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -98,6 +99,25 @@ class SpecGuardMetrics:
             self.draft_time.labels(self._model).observe(seconds)
 
 
+def enable_worker_metrics() -> None:
+    """Let SpecGuard's worker-side metrics reach the API server's ``/metrics``.
+
+    They are recorded in the worker process; prometheus_client's multiprocess
+    mode (which vLLM itself uses with several API servers) merges them. Metrics
+    created from here on in this process use the multiprocess value class too.
+    """
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
+
+    setup_multiprocess_prometheus()
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
+
+
+# prometheus_client registers metric names process-wide and refuses a second set, so
+# every runner in a process shares one metrics object (and its counters).
 _METRICS: SpecGuardMetrics | None = None
 
 

@@ -17,7 +17,7 @@ lookahead slots and every ``isinstance`` check keep working). Per engine step:
 4. the loop stops early once every candidate has ended its step;
 5. the self-consistency selector keeps the most central candidate.
 
-Returns ``[B, K]``; the runner patch cuts each row after its step delimiter.
+Returns ``[B, K]``; the runner's SpecGuard state cuts each row after its step delimiter.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from vllm.forward_context import set_forward_context
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from specguard_vllm.core.selector import select_candidate
+from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
+from specguard_vllm.plugin.step_state import DraftRowHint
 
 logger = logging.getLogger("vllm.specguard")
 
@@ -48,13 +50,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         self.specguard = specguard_from_additional_config(vllm_config.additional_config)
-        # Set by the runner patch before each propose: per row, (open-step tokens,
-        # whether the row needs no draft at all, whether it drafts past the step's end)
-        # and the step-end function.
-        self.row_hints: list[tuple[list[int], bool, bool]] | None = None
-        self.step_length_fn = None
+        # Set by the runner's SpecGuard state: the step segmenter and metrics once, the
+        # hints of this batch's rows before each propose.
+        self.segmenter: StepSegmenter | None = None
         self.metrics = None
-        self.last_candidates: list[list[list[int]]] | None = None
+        self.row_hints: list[DraftRowHint] | None = None
         self._scratch_base: int | None = None
         self._scratch_blocks_per_row = 0
         self._owner = runner
@@ -225,7 +225,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         length = 1
 
         hints = self.row_hints if self.row_hints is not None and len(self.row_hints) == num_reqs \
-            else [([], False, False)] * num_reqs
+            else [DraftRowHint()] * num_reqs
         done = self._rows_done(tokens_out, 1, hints, k)
         if K > 1 and not all(done):
             positions = self.positions[sample_idx][:num_reqs].clone()  # position of token 0
@@ -277,44 +277,41 @@ class SpecGuardDraftProposer(DraftModelProposer):
             self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length)
         return chosen
 
-    def _candidate_length(self, candidate: list[int], open_step: list[int]) -> int:
-        end = self.step_length_fn(candidate, open_step) if self.step_length_fn else None
-        return len(candidate) if end is None else end
+    def _step_end(self, candidate: list[int], open_step: list[int]) -> int | None:
+        return None if self.segmenter is None else self.segmenter.step_length(candidate, prefix=open_step)
 
-    def _rows_done(self, tokens: torch.Tensor, length: int, hints, k: int) -> list[bool]:
+    def _rows_done(self, tokens: torch.Tensor, length: int, hints: list[DraftRowHint],
+                   k: int) -> list[bool]:
         """Per request: every candidate has ended its step (or no draft is needed).
 
         A request that drafts full rows (``fallback: speculative``: the tail past the step
         is verified token-level) is done only at K tokens.
         """
-        if self.step_length_fn is None:
+        if self.segmenter is None:
             return [False] * (tokens.shape[0] // k)
         as_list = tokens.tolist()
-        done = []
-        for i, (open_step, skip, full_row) in enumerate(hints):
-            done.append(skip or (not full_row and all(
-                self.step_length_fn(as_list[i * k + c], open_step) is not None for c in range(k))))
-        return done
+        return [hint.needs_no_draft or (not hint.drafts_past_step and all(
+            self._step_end(as_list[i * k + c], hint.open_step) is not None for c in range(k)))
+            for i, hint in enumerate(hints)]
 
-    def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, hints, k: int) -> torch.Tensor:
+    def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, hints: list[DraftRowHint],
+                k: int) -> torch.Tensor:
         """Keep the most central candidate per request; returns ``[B, K]`` (0-padded)."""
         num_reqs = tokens.shape[0] // k
         out = torch.zeros(num_reqs, self.num_speculative_tokens, dtype=torch.int64,
                           device=tokens.device)
         as_list, lp_list = tokens.tolist(), logprobs.tolist()
-        candidates_all = []
         measure = self.specguard.specguard.selector
         for i in range(num_reqs):
-            open_step = hints[i][0]  # candidates are compared on their step part only
+            open_step = hints[i].open_step  # candidates are compared on their step part only
             cands, loglik = [], []
             for c in range(k):
                 cand = as_list[i * k + c]
-                n = self._candidate_length(cand, open_step)
+                end = self._step_end(cand, open_step)
+                n = len(cand) if end is None else end
                 cands.append(cand[:n])
                 loglik.append(sum(lp_list[i * k + c][:n]))
             best = select_candidate(cands, loglik, measure) if k > 1 else 0
-            candidates_all.append(cands)
             row = as_list[i * k + best]
             out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        self.last_candidates = candidates_all
         return out

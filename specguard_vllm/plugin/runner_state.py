@@ -1,0 +1,174 @@
+"""Everything SpecGuard keeps on one vLLM model runner, and what it does at each hook.
+
+:class:`~specguard_vllm.plugin.patches.GPUModelRunnerPatch` builds one per runner (only
+when the engine's speculative config asked for SpecGuard) and calls one method of it
+per patched runner method. The proposer and the verifier it installs read it too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from specguard_vllm.config import SpecGuardConfig, SpecGuardParams
+from specguard_vllm.core.steps import StepSegmenter
+from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
+from specguard_vllm.plugin.grounding_capture import (
+    GROUNDING_BACKENDS,
+    GroundingCapture,
+    grounding_layer_names,
+)
+from specguard_vllm.plugin.request_params import resolve_request_params
+from specguard_vllm.plugin.step_state import (
+    NO_STEP,
+    DraftRowHint,
+    DraftStepLengths,
+    StepMode,
+    StepStateTable,
+    StepVerdicts,
+)
+
+logger = logging.getLogger("vllm.specguard")
+
+
+class SpecGuardRunnerState:
+    """SpecGuard's per-runner state: step table, hand-offs, grounding capture, metrics.
+
+    Within one engine step the hand-offs run: the proposer's truncation records where
+    each drafted step ends (``draft_step_lens``), the verifier of the next step takes it,
+    and leaves its ``verdicts`` for :meth:`record_committed`.
+    """
+
+    def __init__(self, runner, config: SpecGuardConfig):
+        from vllm.tokenizers.registry import get_tokenizer
+
+        from specguard_vllm.plugin.metrics import get_metrics
+        from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
+        from specguard_vllm.plugin.verifier import SpecGuardRejectionSampler
+
+        self.runner = runner
+        self.config = config
+        model_config = runner.model_config
+        tokenizer = get_tokenizer(model_config.tokenizer,
+                                  trust_remote_code=model_config.trust_remote_code)
+        vocab_size = model_config.get_vocab_size()
+        self.segmenter = StepSegmenter.from_tokenizer(
+            tokenizer, config.specguard.step_delimiters, vocab_size=vocab_size)
+        self.steps = StepStateTable(self.segmenter)
+        self.draft_step_lens = DraftStepLengths()
+        self.verdicts: StepVerdicts | None = None  # this engine step's, from the verifier
+        self.capture: GroundingCapture | None = None  # built on the first verification
+        self.metrics = get_metrics(model_config.served_model_name
+                                   if isinstance(model_config.served_model_name, str)
+                                   else str(model_config.model))
+        if not isinstance(runner.drafter, SpecGuardDraftProposer):
+            raise RuntimeError(  # noqa: TRY004 - a plugin set-up problem, not a caller's type"SpecGuard: the draft proposer was not replaced; is the plugin "
+                               "registered before the model runner is built?")
+        runner.drafter.metrics = self.metrics
+        runner.drafter.segmenter = self.segmenter
+        runner.rejection_sampler = SpecGuardRejectionSampler(
+            runner.sampler, runner.speculative_config, runner.device, state=self)
+        logger.info("SpecGuard active: k=%d, tau=%.3f, beta=%.3f, %d grounding layers, delimiters=%r",
+                    config.specguard.num_candidates, config.specguard.tau, config.specguard.beta,
+                    config.specguard.grounding_layers, config.specguard.step_delimiters)
+
+    @classmethod
+    def for_runner(cls, runner) -> SpecGuardRunnerState | None:
+        """The state for a freshly built runner; None unless its engine runs SpecGuard."""
+        if getattr(runner, "speculative_config", None) is None:
+            return None
+        config = specguard_from_additional_config(runner.vllm_config.additional_config)
+        return None if config is None else cls(runner, config)
+
+    def request_params(self, req_id: str) -> SpecGuardParams:
+        """The request's knobs, resolved once and kept in its step state."""
+        steps = self.steps.get(req_id)
+        if steps.params is None:
+            request = getattr(self.runner, "requests", {}).get(req_id)
+            steps.params = resolve_request_params(request, self.config.specguard)
+        return steps.params
+
+    def _drafts_past_step(self, req_id: str) -> bool:
+        return self.request_params(req_id).fallback == "speculative"
+
+    # ------------------------------------------------------------------ target forward
+    def before_target_forward(self) -> None:
+        if self.capture is not None:
+            self.capture.clear()
+        self.verdicts = None
+
+    def after_target_forward(self) -> None:
+        if self.capture is not None:
+            self.capture.disarm()
+
+    def arm_grounding(self, num_draft_tokens) -> None:
+        """Arm the capture for this forward's verification rows (built the first time)."""
+        if self.capture is None:
+            self.capture = self._build_capture()
+        self.capture.arm(list(num_draft_tokens))
+
+    def _build_capture(self) -> GroundingCapture:
+        context = self.runner.compilation_config.static_forward_context
+        positions = grounding_layer_names(context.keys(), self.config.specguard.grounding_layers)
+        backend = context[next(iter(positions))].attn_backend.get_name()
+        if backend not in GROUNDING_BACKENDS:
+            raise RuntimeError(
+                f"SpecGuard grounding reads the paged K cache of backends {GROUNDING_BACKENDS}; "
+                f"this engine uses {backend}. Choose one with --attention-backend.")
+        capture = GroundingCapture(positions, self.config.specguard.attention_sparsity, backend)
+        capture.attach_to(context[name] for name in positions)
+        logger.info("SpecGuard grounding layers (%s): %s", backend, sorted(positions, key=positions.get))
+        return capture
+
+    # ------------------------------------------------------------------ after sampling
+    def record_committed(self, output_token_ids: torch.Tensor) -> None:
+        """Update each request's step state from what this engine step committed."""
+        batch = self.runner.input_batch
+        num_reqs = batch.num_reqs
+        discarded = self.runner.discard_request_mask.np[:num_reqs]
+        rows = output_token_ids[:num_reqs].tolist()
+        vocab = batch.vocab_size
+        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+            if bool(discarded[i]):
+                continue
+            tokens = [t for t in rows[i] if 0 <= t < vocab]
+            verdict = self.verdicts.row(i, req_id) if self.verdicts is not None else NO_STEP
+            self.steps.after_sampling(req_id, tokens, verdict)
+        self.metrics.set_tracked(len(self.steps))
+
+    # ------------------------------------------------------------------ drafting
+    def draft_row_hints(self) -> list[DraftRowHint]:
+        """What the proposer needs per row of this batch (open step, mode, fallback)."""
+        hints = []
+        for req_id in self.runner.input_batch.req_ids[:self.runner.input_batch.num_reqs]:
+            request_state = self.steps.get(req_id)
+            hints.append(DraftRowHint(
+                open_step=list(request_state.open_step),
+                needs_no_draft=request_state.mode is StepMode.REGENERATING,
+                drafts_past_step=self._drafts_past_step(req_id)))
+        return hints
+
+    def truncate_drafts(self, drafts):
+        """Cut each proposed row after its step delimiter; no drafts while regenerating.
+
+        Requests with ``fallback: speculative`` keep the draft past the step's end: the
+        verifier judges the step and verifies the tail token-level (SPECGUARD.md section 4).
+        """
+        if not isinstance(drafts, torch.Tensor):
+            return drafts
+        req_ids = self.runner.input_batch.req_ids[:drafts.shape[0]]
+        rows = []
+        for req_id, row in zip(req_ids, drafts.tolist()):
+            truncated = self.steps.truncate_draft(req_id, row, keep_tail=self._drafts_past_step(req_id))
+            self.draft_step_lens.record(req_id, truncated.step_len)
+            rows.append(truncated.tokens)
+        return rows
+
+    # ------------------------------------------------------------------ request lifetime
+    def forget(self, finished_req_ids) -> None:
+        """Drop the state of requests vLLM has finished or aborted."""
+        self.steps.forget(finished_req_ids)
+        self.draft_step_lens.forget(finished_req_ids)
+        self.runner.drafter.forget(finished_req_ids)
+        self.metrics.set_tracked(len(self.steps))
