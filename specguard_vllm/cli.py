@@ -183,10 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     trace.set_defaults(func=_cmd_trace)
 
     from specguard_vllm.evaluation.bench import add_bench_command
-    from specguard_vllm.evaluation.calibrate_run import add_calibrate_command
+    from specguard_vllm.evaluation.calibrate_cli import add_calibrate_command
 
     add_bench_command(sub)
     add_calibrate_command(sub)
+    from specguard_vllm.demo import add_demo_arguments
+    from specguard_vllm.demo import run as run_demo
+
+    demo = sub.add_parser("demo", help="serve a pair with `vllm serve` and answer one chat request")
+    add_demo_arguments(demo).set_defaults(func=run_demo)
     if importlib.util.find_spec("specguard_vllm.training.commands") is not None:
         from specguard_vllm.training import commands as training_commands
 

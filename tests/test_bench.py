@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -122,7 +123,7 @@ def test_modelled_speedup_falls_as_draft_cost_rises(target, draft, tokens):
                             summarise("x", [_result("x", 0, tokens=tokens, target=target,
                                                     draft=draft)])])
     speedups = [rows[1]["modelled_speedup"][f"{c:g}"] for c in COST_RATIOS]
-    assert all(a >= b for a, b in zip(speedups, speedups[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(speedups))
     assert speedups[0] <= tokens / target + 1e-9
 
 
@@ -154,7 +155,7 @@ def test_report_writes_table_and_plots(tmp_path):
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", *args],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+                            check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -164,7 +165,7 @@ def test_bench_runs_the_real_engines_and_writes_json(tmp_path):
     out = tmp_path / "out.json"
     cmd = [sys.executable, "-m", "specguard_vllm.cli", "bench", "--n", "3",
            "--configs", "target,sd,specguard", "--json", str(out), "--out-dir", str(tmp_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(out.read_text())
     assert [r["config"] for r in rows] == ["target", "sd", "specguard"]
@@ -212,7 +213,7 @@ def test_render_redoes_tables_and_plots_from_saved_rows(tmp_path):
     saved.write_text(json.dumps(rows))
     result = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", "--render",
                              str(saved), "--out-dir", str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+                            check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     again = json.loads(saved.read_text())
     assert again[1]["modelled_speedup"] == rows[1]["modelled_speedup"]
@@ -221,7 +222,7 @@ def test_render_redoes_tables_and_plots_from_saved_rows(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     refused = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", "--render",
-                              str(bad)], capture_output=True, text=True, cwd=REPO, timeout=300)
+                              str(bad)], check=False, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert refused.returncode == 2 and "bench rows" in refused.stderr
 
 
@@ -248,7 +249,7 @@ def test_bench_against_a_running_server(tmp_path):
             [sys.executable, "-m", "specguard_vllm.cli", "bench", "--server-url", url,
              "--skip-offline", "--n", "2", "--concurrency", "2", "--configs", "specguard,lpbv-only",
              "--json", str(out), "--out-dir", str(tmp_path / "out"), "--no-plots"],
-            capture_output=True, text=True, cwd=REPO, timeout=900)
+            check=False, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(out.read_text())
     assert sorted((r["config"], r["mode"]) for r in rows) == sorted(

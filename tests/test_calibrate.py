@@ -274,7 +274,7 @@ def tiny_tokenizer():
 
 def test_label_steps_grades_lines_against_the_committed_prefix(tiny_tokenizer):
     from specguard_vllm.core.steps import StepSegmenter
-    from specguard_vllm.evaluation.calibrate_run import label_steps
+    from specguard_vllm.evaluation.calibrate_labels import label_steps
     from specguard_vllm.tasks import canonical_solution, generate
     from specguard_vllm.training.tokenizer import EOS_ID, prompt_text
 
@@ -320,7 +320,7 @@ def test_label_steps_grades_lines_against_the_committed_prefix(tiny_tokenizer):
 
 
 def test_decision_log_keeps_judged_steps_only(tmp_path):
-    from specguard_vllm.evaluation.calibrate_run import step_ids
+    from specguard_vllm.evaluation.calibrate_labels import step_ids
     from specguard_vllm.trace_records import read_decision_log
 
     log = tmp_path / "log.jsonl"
@@ -336,7 +336,7 @@ def test_decision_log_keeps_judged_steps_only(tmp_path):
 
 
 def test_cli_refuses_bad_arguments(capsys, tmp_path):
-    from specguard_vllm.evaluation.calibrate_run import main
+    from specguard_vllm.evaluation.calibrate_cli import main
 
     cases = [
         (["--split", "test"], "test split"),
@@ -362,10 +362,10 @@ def test_cli_refuses_bad_arguments(capsys, tmp_path):
 def test_calibrate_end_to_end_on_the_bundled_pair(tmp_path):
     out, report_path, log = tmp_path / "cal.yaml", tmp_path / "cal.json", tmp_path / "log.jsonl"
     env = dict(os.environ, VLLM_LOGGING_STREAM="ext://sys.stderr")
-    cmd = [sys.executable, "-m", "specguard_vllm.evaluation.calibrate_run", "--n", "20",
+    cmd = [sys.executable, "-m", "specguard_vllm.evaluation.calibrate_cli", "--n", "20",
            "--goal", "accuracy", "--out", str(out), "--json", str(report_path),
            "--decision-log", str(log)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "AUROC" in result.stdout and "fitted: tau=" in result.stdout
     report = json.loads(report_path.read_text())

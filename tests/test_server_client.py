@@ -79,9 +79,9 @@ def test_run_requests_against_a_specguard_server(tmp_path):
     from transformers import AutoTokenizer
 
     from specguard_vllm.evaluation.server_client import run_requests, scrape_metrics
+    from specguard_vllm.serving import REPO, vllm_server
     from specguard_vllm.tasks import generate, grade_solution
     from specguard_vllm.training.tokenizer import prompt_text
-    from tests.serving import REPO, vllm_server
 
     target = REPO / "models" / "tiny-target"
     problems = generate("test", 6, seed=0)

@@ -81,7 +81,7 @@ def test_vllm_serve_target_answers_chat_in_task_format(tmp_path):
     openai = pytest.importorskip("openai")
     pytest.importorskip("vllm")
     from specguard_vllm.training.evaluate import decode, greedy_solutions, load, prompt_ids
-    from tests.serving import vllm_server
+    from specguard_vllm.serving import vllm_server
 
     problems = generate("test", 6, seed=321)
     tok, model = load(TARGET)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.serving import REPO, free_port, vllm_serve_command, vllm_server
+from specguard_vllm.serving import REPO, free_port, vllm_serve_command, vllm_server
 from specguard_vllm.vllm_env import vllm_process_env
 
 pytestmark = pytest.mark.slow

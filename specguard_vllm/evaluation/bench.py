@@ -152,7 +152,6 @@ def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig
                         text=a.text) for item, a in zip(items, answers)]
                     row = summarise(config.name, results, mode=f"server-c{concurrency}",
                                     params=config.params, group=config.group)
-                    delta = lambda name: metric_delta(before, after, name)  # noqa: E731
                     steps_acc = _labelled_delta(before, after, "specguard_steps_total",
                                                 'decision="accepted"')
                     steps_rej = _labelled_delta(before, after, "specguard_steps_total",
@@ -162,12 +161,13 @@ def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig
                     row["scorer_overhead"] = None  # measured in the worker: offline rows only
                     row["step_acceptance"] = (steps_acc / (steps_acc + steps_rej)
                                               if steps_acc + steps_rej else None)
-                    accepted = delta("vllm:spec_decode_num_accepted_tokens_total")
+                    accepted = metric_delta(before, after, "vllm:spec_decode_num_accepted_tokens_total")
                     row["draft_token_share"] = (accepted / row["output_tokens"]
                                                 if row["output_tokens"] else None)
                     # Engine iterations are shared by concurrent requests: per-request
                     # forward counts come from the offline run.
-                    row["engine_iterations"] = delta("vllm:iteration_tokens_total_count")
+                    row["engine_iterations"] = metric_delta(before, after,
+                                                             "vllm:iteration_tokens_total_count")
                     row["target_forwards"] = row["draft_forwards"] = None
                     row["tokens_per_target_forward"] = None
                     rows.append(row)
@@ -199,12 +199,11 @@ def _write_outputs(rows, results, args, meta) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "problems.jsonl", "w", encoding="utf-8") as fh:
         for config, rs in results.items():
-            for r in rs:
-                fh.write(json.dumps({"config": config, "item": r.item_id, "correct": r.correct,
+            fh.writelines(json.dumps({"config": config, "item": r.item_id, "correct": r.correct,
                                      "tokens": r.output_tokens, "latency_s": r.latency_s,
                                      "target_forwards": r.target_forwards,
                                      "draft_forwards": r.draft_forwards, "error": r.error,
-                                     "text": r.text}) + "\n")
+                                     "text": r.text}) + "\n" for r in rs)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     _report(rows, out_dir, plots=not args.no_plots, meta=meta, json_path=args.json)
 

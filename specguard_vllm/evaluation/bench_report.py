@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 from specguard_vllm.evaluation.bench_metrics import COST_RATIOS
@@ -42,10 +41,6 @@ def markdown_table(rows: list[dict]) -> str:
                 f"{_fmt(r['tokens_per_target_forward_vs_sd'], '.2f', suffix='x')} | {speed} |")
         out.append("")
     return "\n".join(out)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def _label_points(ax, points: list[tuple[float, float, str]]) -> None:

@@ -37,9 +37,10 @@ trajectory; a wrong step may be harmless; later proposals differ), which is why
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -49,6 +50,10 @@ BETA_GRID: tuple[float, ...] = tuple(round(i * 0.05, 2) for i in range(21))  # 0
 TAU_REJECT_ALL = 1.01  # > 1: no score reaches it (every step rejected: target-only output)
 PAPER_TAU = 0.5
 PAPER_BETA = 0.5
+
+
+class CannotCalibrate(ValueError):
+    """Input the command cannot fit on (bad arguments, data or labels): one line, exit 2."""
 
 
 # --------------------------------------------------------------------------- AUROC

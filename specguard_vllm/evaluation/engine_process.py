@@ -80,9 +80,3 @@ class EngineProcess:
             except ProcessLookupError:
                 pass
             self._proc.wait()
-
-    def __enter__(self) -> "EngineProcess":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -18,8 +18,8 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import requests
 
@@ -44,7 +44,7 @@ class RequestResult:
 def _root_url(base_url: str) -> str:
     """``http://host:port`` from either that or ``http://host:port/v1``."""
     url = base_url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    return url.removesuffix("/v1")
 
 
 def _one_request(client, model: str, index: int, prompt: str | list[int], *, max_tokens: int,
