@@ -21,7 +21,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from specguard_vllm.kernels.min_logprob_ref import step_min_logprob_ref
 from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
 from specguard_vllm.kernels.testing import make_grounding_case, make_logits_case
@@ -127,13 +126,15 @@ def verification_forward_time(batch: int, step: int, ctx: int, layers: int = 32)
 def scorer_time(ctx: int, step: int, batch: int, reps: int) -> tuple[float, float]:
     """(eager, graph) seconds of the whole scorer: GROUNDING_LAYERS grounding calls + min-logprob."""
     from specguard_vllm.kernels.min_logprob import step_min_logprob_triton
-    from specguard_vllm.kernels.step_grounding import default_num_splits, step_grounding_stats_triton
+    from specguard_vllm.kernels.step_grounding import (
+        default_num_splits,
+        step_grounding_stats_triton,
+    )
 
     case = make_grounding_case([step] * batch, [ctx] * batch, num_heads=HEADS,
                                num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=16,
                                dtype=torch.bfloat16, layout="NHD", device="cuda", seed=ctx)
-    args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-    kw = dict(scale=case.scale, sparsity=0.01, max_step_len=step, query_start=case.query_start)
+    args, kw = case.args, case.kwargs(0.01)
     splits = default_num_splits(batch, case.query.device)
     spaces = [GroundingWorkspace.allocate(batch * step, HEADS, step, max_splits=splits,
                                           device="cuda", max_batch=batch)
@@ -158,18 +159,20 @@ def bench_grounding(ctx: int, step: int, batch: int, device: str, reps: int) -> 
                                block_size=16 if on_gpu else 128,
                                dtype=torch.bfloat16 if on_gpu else torch.float32,
                                layout="NHD" if on_gpu else "CPU", device=device, seed=ctx + step)
-    args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-    kw = dict(scale=case.scale, sparsity=0.01, max_step_len=step, query_start=case.query_start)
-    row = dict(kernel="grounding", ctx=ctx, step=step, batch=batch, device=device)
+    args, kw = case.args, case.kwargs(0.01)
+    row = {"kernel": "grounding", "ctx": ctx, "step": step, "batch": batch, "device": device}
     row["reference_ms"] = 1e3 * timed(lambda: step_grounding_stats_ref(*args, **kw), device, reps)
     row["attention_ms"] = 1e3 * timed(mirrored_attention(case), device, reps)
     if on_gpu:
-        from specguard_vllm.kernels.step_grounding import default_num_splits, step_grounding_stats_triton
+        from specguard_vllm.kernels.step_grounding import (
+            default_num_splits,
+            step_grounding_stats_triton,
+        )
 
         splits = default_num_splits(batch, case.query.device)
         ws = GroundingWorkspace.allocate(batch * step, HEADS, step, max_splits=splits,
                                          device=device, max_batch=batch)
-        call = lambda: step_grounding_stats_triton(*args, workspace=ws, **kw)  # noqa: E731
+        call = lambda: step_grounding_stats_triton(*args, workspace=ws, **kw)
         row["num_splits"] = splits
         row["triton_ms"] = 1e3 * timed(call, device, reps)
         row["graph_ms"] = 1e3 * graph_timed(call, reps)
@@ -184,14 +187,14 @@ def bench_grounding(ctx: int, step: int, batch: int, device: str, reps: int) -> 
 def bench_min_logprob(step: int, batch: int, device: str, reps: int) -> dict:
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     logits, tokens, cu, rows = make_logits_case([step] * batch, VOCAB, dtype=dt, device=device)
-    row = dict(kernel="min_logprob", step=step, batch=batch, vocab=VOCAB, device=device)
+    row = {"kernel": "min_logprob", "step": step, "batch": batch, "vocab": VOCAB, "device": device}
     row["reference_ms"] = 1e3 * timed(lambda: step_min_logprob_ref(logits, tokens, cu, rows=rows),
                                       device, reps)
     if device == "cuda":
         from specguard_vllm.kernels.min_logprob import step_min_logprob_triton
 
         counters = torch.zeros(batch, dtype=torch.int32, device=device)
-        call = lambda: step_min_logprob_triton(  # noqa: E731
+        call = lambda: step_min_logprob_triton(
             logits, tokens, cu, max_step_len=step, rows=rows, counters=counters)
         row["triton_ms"] = 1e3 * timed(call, device, reps)
         row["graph_ms"] = 1e3 * graph_timed(call, reps)
@@ -269,9 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
         for ctx, step, batch in [(4096, 8, 1), (32768, 8, 1), (4096, 8, 8), (32768, 8, 8)]:
             fwd = 1e3 * verification_forward_time(batch, step, ctx)
             eager, graph = (1e3 * t for t in scorer_time(ctx, step, batch, reps))
-            share = dict(ctx=ctx, step=step, batch=batch, forward_ms=fwd, scorer_ms=graph,
-                         scorer_eager_ms=eager, share_pct=100 * graph / fwd,
-                         eager_share_pct=100 * eager / fwd)
+            share = {"ctx": ctx, "step": step, "batch": batch, "forward_ms": fwd,
+                     "scorer_ms": graph, "scorer_eager_ms": eager,
+                     "share_pct": 100 * graph / fwd, "eager_share_pct": 100 * eager / fwd}
             shares.append(share)
             print(f"  ctx {ctx:>6} step {step} batch {batch}: forward {fwd:.2f} ms, scorer "
                   f"{graph:.3f} ms in a graph = {share['share_pct']:.1f}%, eager {eager:.3f} ms "

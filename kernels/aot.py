@@ -50,16 +50,14 @@ def variants(arch: int, full: bool):
         io = dict(f32, q_ptr=dt, k_ptr=dt)
         # step 8 with GQA 4 (Llama-3-8B-like) and step 32 with GQA 8 (the largest tile).
         for n_pad, g_pad in ((8, 4), (32, 8)) if full else ((8, 4),):
-            rows = n_pad * g_pad
-            block_n = max(16, min(128, 8192 // rows))
-            warps = 4 if rows * block_n <= 8192 and rows <= 64 else 8
-            ce = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=128, BLOCK_N=block_n, S_BLOCK=sg.S_BLOCK,
-                      UPCAST=False)
+            block_n, warps = sg.tile_config(n_pad * g_pad)
+            ce = {"N_PAD": n_pad, "G_PAD": g_pad, "D_PAD": 128, "BLOCK_N": block_n,
+                  "S_BLOCK": sg.S_BLOCK, "UPCAST": False}
             yield (f"grounding_pass1[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass1, io, ce, warps)
             yield (f"grounding_pass2[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass2, io,
                    dict(ce, MS_PAD=n_pad), warps)
         yield (f"step_logprob[{dt}]", ml._step_logprob_kernel,
-               dict(f32, logits_ptr=dt), dict(HAS_ROWS=True, BLOCK_V=2048, N_PAD=32), 8)
+               dict(f32, logits_ptr=dt), {"HAS_ROWS": True, "BLOCK_V": 2048, "N_PAD": 32}, 8)
 
 
 def compile_all(targets: list[tuple[str, int, int]], full: bool = False) -> list[str]:

@@ -44,10 +44,8 @@ def check_grounding() -> int:
         sparsity = rng.choice([0.0, 0.01, 0.05, 1.0])
         if threshold_margin(case, sparsity) < 1e-5:
             continue
-        kw = dict(scale=case.scale, sparsity=sparsity, max_step_len=8, query_start=case.query_start)
-        args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-        pm, blk = step_grounding_stats_triton(*args, **kw)
-        pr, br = step_grounding_stats_ref(*args, **kw)
+        pm, blk = step_grounding_stats_triton(*case.args, **case.kwargs(sparsity))
+        pr, br = step_grounding_stats_ref(*case.args, **case.kwargs(sparsity))
         t = case.num_step_tokens
         err = max((pm[:t] - pr).abs().max().item() if t else 0.0,
                   (blk[:t] - br).abs().max().item() if t else 0.0)
@@ -80,15 +78,13 @@ def check_arrival_ordering(repeats: int = 40) -> int:
                                    dtype=torch.bfloat16, device="cuda", max_step_len=8, seed=21)
         ws = GroundingWorkspace.allocate(len(steps) * 8, 32, 8, max_splits=splits or 512,
                                          device="cuda", max_batch=len(steps))
-        kw = dict(scale=case.scale, sparsity=0.01, max_step_len=8, query_start=case.query_start)
-        args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-        pr, br = step_grounding_stats_ref(*args, **kw)
+        pr, br = step_grounding_stats_ref(*case.args, **case.kwargs(0.01))
         t = case.num_step_tokens
         bad = 0
         for _ in range(repeats):
             ws.prefix_mass.fill_(float("nan"))
-            pm, blk = step_grounding_stats_triton(*args, workspace=ws, num_splits=splits,
-                                                  block_n=block_n, **kw)
+            pm, blk = step_grounding_stats_triton(*case.args, **case.kwargs(
+                0.01, workspace=ws, num_splits=splits, block_n=block_n))
             err = max((pm[:t] - pr).abs().max().item(), (blk[:t] - br).abs().max().item())
             worst = max(worst, err)
             bad += not err < 1e-3
@@ -118,7 +114,8 @@ def check_cuda_graph() -> int:
     q, table = case.query, case.block_table
     seq_lens, cu, q0 = case.seq_lens.clone(), case.cu_step_lens.clone(), case.query_start.clone()
     ws = GroundingWorkspace.allocate(q.shape[0], 8, 4, device="cuda", max_batch=3)
-    kw = dict(scale=case.scale, sparsity=0.01, max_step_len=4, query_start=q0, workspace=ws)
+    kw = {"scale": case.scale, "sparsity": 0.01, "max_step_len": 4, "query_start": q0,
+          "workspace": ws}
     args = (q, case.k_view, table, seq_lens, cu)
     logits, tokens, _, rows = make_logits_case([4, 4, 4], 32000, dtype=torch.bfloat16,
                                                device="cuda", seed=12)

@@ -14,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .step_grounding import LOG2E_C, SUPPORTED_DTYPES, arrive_last, interpreting
+from .step_grounding import (
+    LOG2E_C,
+    SUPPORTED_DTYPES,
+    arrive_last,
+    interpreting,
+    require_index_tensors,
+)
 from .workspace import next_pow2
 
 
@@ -87,9 +93,8 @@ def step_min_logprob_triton(
         raise ValueError(f"rows ({rows.numel()}) must give one logits row per token ({num_tokens})")
     if rows is None and logits.shape[0] < num_tokens:
         raise ValueError(f"{num_tokens} tokens but only {logits.shape[0]} rows of logits")
-    for name, t in (("token_ids", token_ids), ("cu_num_tokens", cu_num_tokens), ("rows", rows)):
-        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device != logits.device):
-            raise TypeError(f"{name} must be an int32/int64 tensor on {logits.device}")
+    require_index_tensors(logits.device, token_ids=token_ids, cu_num_tokens=cu_num_tokens,
+                          rows=rows)
     if token_logprobs is None:
         token_logprobs = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
     if min_logprob is None:

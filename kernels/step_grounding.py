@@ -59,12 +59,25 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
-    """Keys [start, end) of chunk ``split``; the chunk is a whole number of tiles."""
+def _request_chunk(cu_ptr, seq_lens_ptr, b, split, num_splits, BLOCK_N: tl.constexpr):
+    """Request b's first step row, step length and seq_len, and the keys [start, end) of its
+    chunk ``split`` (chunk = ceil(seq_len / num_splits) rounded up to whole tiles)."""
+    row0 = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - row0
+    seq_len = tl.load(seq_lens_ptr + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
-    return chunk, start, end
+    return row0, n, seq_len, chunk, start, end
+
+
+@triton.jit
+def _step_query_rows(n, group, N_PAD: tl.constexpr, G_PAD: tl.constexpr):
+    """Query rows r = i * G_PAD + g of one kv head: step token i, head g of the group."""
+    r = tl.arange(0, N_PAD * G_PAD)
+    i = r // G_PAD
+    g = r % G_PAD
+    return i, g, (i < n) & (g < group)
 
 
 @triton.jit
@@ -115,17 +128,11 @@ def _grounding_pass1(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    row0 = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - row0
-    seq_len = tl.load(seq_lens_ptr + b)
-    chunk, start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    row0, n, seq_len, chunk, start, end = _request_chunk(cu_ptr, seq_lens_ptr, b, split,
+                                                         num_splits, BLOCK_N)
     if (n <= 0) | (start >= end):
         return
-    # Query rows r = i * G_PAD + g: step token i, head kvh * group + g.
-    r = tl.arange(0, N_PAD * G_PAD)
-    i = r // G_PAD
-    g = r % G_PAD
-    row_ok = (i < n) & (g < group)
+    i, g, row_ok = _step_query_rows(n, group, N_PAD, G_PAD)
     head = kvh * group + g
     d = tl.arange(0, D_PAD)
     d_ok = d < head_dim
@@ -178,17 +185,12 @@ def _grounding_pass2(
     """Head-averaged, thresholded row sums of one chunk; the request's last chunk renormalises."""
     b = tl.program_id(0)
     split = tl.program_id(1)
-    row0 = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - row0
-    seq_len = tl.load(seq_lens_ptr + b)
-    chunk, start, end = _split_range(seq_len, split, num_splits, BLOCK_N)
+    row0, n, seq_len, chunk, start, end = _request_chunk(cu_ptr, seq_lens_ptr, b, split,
+                                                         num_splits, BLOCK_N)
     if (n <= 0) | (start >= end):
         return
     prefix_len = seq_len - n
-    r = tl.arange(0, N_PAD * G_PAD)
-    i = r // G_PAD
-    g = r % G_PAD
-    row_ok = (i < n) & (g < group)
+    i, g, row_ok = _step_query_rows(n, group, N_PAD, G_PAD)
     row_lim = prefix_len + i + 1
     d = tl.arange(0, D_PAD)
     d_ok = d < head_dim
@@ -258,6 +260,14 @@ def _grounding_pass2(
                  mask=tok_ok[:, None] & (j < max_step_len)[None, :])
 
 
+def require_index_tensors(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    """Raise unless every given index tensor is int32/int64 on ``device`` (the kernels load
+    them as integers from that device's memory)."""
+    for name, t in tensors.items():
+        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device != device):
+            raise TypeError(f"{name} must be an int32/int64 tensor on {device}")
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -276,10 +286,9 @@ def default_num_splits(batch: int, device: torch.device) -> int:
     return max(1, triton.cdiv(2 * sm_count(device), max(1, batch)))
 
 
-def _tile_config(rows: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): keep the [rows, BLOCK_N] score tile near 8k fp32 values."""
-    if interpreting():
-        return 256, 4  # the interpreter pays per tile, not per element
+def tile_config(rows: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of a compiled launch: keep the [rows, BLOCK_N] score tile near
+    8k fp32 values (the AOT build compiles the same configuration)."""
     block_n = max(16, min(128, 8192 // rows))
     return block_n, (4 if rows * block_n <= 8192 and rows <= 64 else 8)
 
@@ -321,10 +330,8 @@ def step_grounding_stats_triton(
     if block_table.dim() != 2 or block_table.shape[0] < batch or cu_step_lens.numel() != batch + 1:
         raise ValueError(f"block_table {tuple(block_table.shape)} / cu_step_lens "
                          f"{tuple(cu_step_lens.shape)} do not match {batch} sequences")
-    for name, t in (("block_table", block_table), ("seq_lens", seq_lens),
-                    ("cu_step_lens", cu_step_lens), ("query_start", query_start)):
-        if t is not None and (t.dtype not in (torch.int32, torch.int64) or t.device != query.device):
-            raise TypeError(f"{name} must be an int32/int64 tensor on {query.device}")
+    require_index_tensors(query.device, block_table=block_table, seq_lens=seq_lens,
+                          cu_step_lens=cu_step_lens, query_start=query_start)
     if k_view.device != query.device:
         raise ValueError("query and the K cache must be on one device")
     # Rows are cu[b] + i < cu[batch] <= batch * max_step_len (read on the host: no sync).
@@ -349,10 +356,11 @@ def step_grounding_stats_triton(
     g_pad = next_pow2(group)
     n_pad = max(next_pow2(max_step_len), 16 // g_pad if g_pad < 16 else 1)  # tl.dot needs M >= 16
     d_pad = max(16, next_pow2(head_dim))
-    default_block_n, num_warps = _tile_config(n_pad * g_pad)
+    # The interpreter pays per tile, not per element: few large tiles.
+    default_block_n, num_warps = (256, 4) if interpreting() else tile_config(n_pad * g_pad)
     block_n = block_n or default_block_n
-    common = dict(N_PAD=n_pad, G_PAD=g_pad, D_PAD=d_pad, BLOCK_N=block_n, S_BLOCK=S_BLOCK,
-                  UPCAST=interpreting(), num_warps=num_warps)
+    common = {"N_PAD": n_pad, "G_PAD": g_pad, "D_PAD": d_pad, "BLOCK_N": block_n,
+              "S_BLOCK": S_BLOCK, "UPCAST": interpreting(), "num_warps": num_warps}
     scale_log2 = float(scale) * LOG2E
     cnt_heads, cnt_rows = ws.counters[: ws.max_batch * num_heads], ws.counters[ws.max_batch * num_heads:]
     # Per-(row, split) scratch, viewed densely for this launch's number of splits.

@@ -1,7 +1,7 @@
 """PyTorch reference of the grounding kernel (and the CPU path of the dispatch).
 
 Reads each request's keys out of the paged cache, forms the step rows' causal
-attention probabilities, averages them over heads and hands them to the core's
+attention probabilities averaged over heads, and hands them to the core's
 ``step_attention_stats``, so the kernel is tested against the very definition
 the rollout uses.
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .kv_layout import gather_keys
 from specguard_vllm.core.grounding import step_attention_stats
+
+from .kv_layout import gather_keys
+from .workspace import GroundingWorkspace
 
 
 def _paged_scores(q: torch.Tensor, k_view: torch.Tensor, block_row: torch.Tensor,
@@ -33,6 +35,30 @@ def _paged_scores(q: torch.Tensor, k_view: torch.Tensor, block_row: torch.Tensor
     return torch.cat(parts, dim=-1)[..., :seq_len].contiguous()
 
 
+def step_head_average(step_query: torch.Tensor, k_view: torch.Tensor, block_row: torch.Tensor,
+                      seq_len: int, scale: float) -> torch.Tensor:
+    """Head-averaged causal attention ``[n, seq_len]`` (fp32) of one request's n step rows.
+
+    ``step_query [n, H, D]``; step row i sees keys ``< seq_len - n + i + 1``. The
+    average is formed without materialising ``[H, n, seq_len]`` probabilities twice:
+    exponentials in place, each head weighted by ``1 / (H * its normaliser)``.
+    """
+    n, num_heads = step_query.shape[:2]
+    num_kv_heads = k_view.shape[2]
+    group = num_heads // num_kv_heads
+    # Heads of one kv head are adjacent (head = kv_head * group + g): rows g * n + i.
+    q = step_query.float().view(n, num_kv_heads, group, -1).permute(1, 2, 0, 3)
+    q = q.reshape(num_kv_heads, group * n, -1)
+    scores = _paged_scores(q, k_view, block_row, seq_len).view(num_heads, n, seq_len)
+    scores.mul_(scale)
+    # Causality only bites on the step's own n columns.
+    future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+    scores[:, :, seq_len - n:].masked_fill_(future, float("-inf"))
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    weights = 1.0 / (num_heads * scores.sum(dim=-1))  # [H, n]
+    return torch.einsum("hnl,hn->nl", scores, weights)
+
+
 def step_grounding_stats_ref(
     query: torch.Tensor,
     k_view: torch.Tensor,
@@ -44,48 +70,35 @@ def step_grounding_stats_ref(
     sparsity: float,
     max_step_len: int,
     query_start: torch.Tensor | None = None,
-    prefix_mass: torch.Tensor | None = None,
-    block: torch.Tensor | None = None,
+    workspace: GroundingWorkspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per step row: prefix mass and in-step block row of one layer (reference).
 
-    Same arguments and results as ``kernels.step_grounding.step_grounding_stats_triton``:
+    The contract of ``kernels.step_grounding.step_grounding_stats_triton``:
     ``query [T, H, D]`` post-RoPE, ``k_view`` from ``kv_layout.k_cache_view``,
     ``block_table [B, max_blocks]``, ``seq_lens [B]`` (context incl. the step),
     ``cu_step_lens [B+1]`` (step rows of request b are output rows
     ``cu[b]:cu[b+1]``), ``query_start [B]`` (row of ``query`` holding request b's
-    first step token; default ``cu_step_lens[:-1]``). Outputs ``prefix_mass
-    [>= T_step]`` and ``block [>= T_step, max_step_len]`` (fp32, written in place
-    when given; columns past a request's step length are zero).
+    first step token; default ``cu_step_lens[:-1]``). Returns ``prefix_mass
+    [>= T_step]`` and ``block [>= T_step, max_step_len]`` (fp32; the workspace's,
+    written in place, when one is given; columns past a request's step length are zero).
     """
-    num_steps = cu_step_lens.numel() - 1
     total = int(cu_step_lens[-1])
-    if prefix_mass is None:
+    if workspace is None:
         prefix_mass = torch.zeros(total, dtype=torch.float32, device=query.device)
-    if block is None:
         block = torch.zeros(total, max_step_len, dtype=torch.float32, device=query.device)
+    else:
+        prefix_mass, block = workspace.prefix_mass, workspace.block
     starts = cu_step_lens[:-1] if query_start is None else query_start
-    num_heads, num_kv_heads = query.shape[1], k_view.shape[2]
-    group = num_heads // num_kv_heads
     cu, lens, q_at = cu_step_lens.tolist(), seq_lens.tolist(), starts.tolist()
-    for b in range(num_steps):
+    for b in range(len(cu) - 1):
         n, seq_len, row = cu[b + 1] - cu[b], lens[b], cu[b]
         if n == 0:
             continue
-        prefix_len = seq_len - n
-        q = query[q_at[b]: q_at[b] + n].float()  # [n, H, D]
-        # Heads of one kv head are adjacent (head = kv_head * group + g): rows g * n + i.
-        q = q.view(n, num_kv_heads, group, -1).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, -1)
-        scores = _paged_scores(q, k_view, block_table[b], seq_len).view(num_heads, n, seq_len)
-        scores.mul_(scale)
-        # Causality only bites on the step's own n columns.
-        future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
-        scores[:, :, prefix_len:].masked_fill_(future, float("-inf"))
-        scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        weights = 1.0 / (num_heads * scores.sum(dim=-1))  # [H, n]: 1 / (H * normaliser)
-        avg = torch.einsum("hnl,hn->nl", scores, weights)
-        # The head average of probs is what step_attention_stats averages: pass it as one head.
-        pm, blk = step_attention_stats(avg[None], prefix_len, sparsity)
+        avg = step_head_average(query[q_at[b]: q_at[b] + n], k_view, block_table[b], seq_len,
+                                scale)
+        # A head average is the one head whose average step_attention_stats takes.
+        pm, blk = step_attention_stats(avg[None], seq_len - n, sparsity)
         prefix_mass[row: row + n] = pm
         block[row: row + n].zero_()
         block[row: row + n, :n] = blk

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_layout import gather_keys, k_cache_view
+from .kv_layout import k_cache_view
+from .step_grounding_ref import step_head_average
 
 # Physical orders of the per-layer logical [blocks, kv_heads, block_size, 2*D] tensor
 # (vLLM's KVCacheLayout members, without the layer axis unless interleaved).
@@ -28,6 +29,16 @@ class GroundingCase:
     @property
     def num_step_tokens(self) -> int:
         return int(self.cu_step_lens[-1])
+
+    @property
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """The positional arguments of a grounding call on this batch."""
+        return (self.query, self.k_view, self.block_table, self.seq_lens, self.cu_step_lens)
+
+    def kwargs(self, sparsity: float, **extra) -> dict:
+        """Its keyword arguments: this batch's scale, step bound and query rows, plus ``extra``."""
+        return {"scale": self.scale, "sparsity": sparsity, "max_step_len": self.max_step_len,
+                "query_start": self.query_start, **extra}
 
 
 def alloc_kv_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
@@ -92,7 +103,7 @@ def make_grounding_case(
         q_start.append(sum(r.shape[0] for r in rows[:-1]) + extra_rows)
         cu.append(cu[-1] + n)
     query = torch.cat(rows).to(dtype).to(device)
-    ints = dict(dtype=torch.int32, device=device)
+    ints = {"dtype": torch.int32, "device": device}
     return GroundingCase(
         query=query, kv_cache=kv_cache, k_view=k_view, block_table=table.to(device),
         seq_lens=torch.tensor(seq_lens, **ints), cu_step_lens=torch.tensor(cu, **ints),
@@ -108,21 +119,30 @@ def threshold_margin(case: GroundingCase, sparsity: float) -> float:
     """
     margin = float("inf")
     cu, lens, q0 = case.cu_step_lens.tolist(), case.seq_lens.tolist(), case.query_start.tolist()
-    h, hkv = case.query.shape[1], case.k_view.shape[2]
     for b in range(len(lens)):
         n = cu[b + 1] - cu[b]
         if n == 0:
             continue
-        keys = gather_keys(case.k_view, case.block_table[b], lens[b]).float()
-        keys = keys.repeat_interleave(h // hkv, dim=1)  # [L, H, D]
-        q = case.query[q0[b]: q0[b] + n].float()
-        s = torch.einsum("nhd,lhd->hnl", q, keys) * case.scale
-        pos = torch.arange(lens[b], device=q.device)
-        lim = lens[b] - n + torch.arange(1, n + 1, device=q.device)
-        s.masked_fill_(pos[None, None, :] >= lim[None, :, None], float("-inf"))
-        avg = torch.softmax(s, -1).mean(0)
+        avg = step_head_average(case.query[q0[b]: q0[b] + n], case.k_view, case.block_table[b],
+                                lens[b], case.scale)
         margin = min(margin, (avg - sparsity).abs().min().item())
     return margin
+
+
+def dense_step_probs(step_query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """The slow obvious attention of n step rows: ``softmax(q K^T * scale)``, causal, ``[H, n, L]``.
+
+    ``step_query [n, H, D]`` and ``keys [L, kv_heads, D]`` (the step's own n keys last);
+    GQA by repeating each kv head for its group. Tests compare the reference with it.
+    """
+    n, num_heads = step_query.shape[:2]
+    seq_len = keys.shape[0]
+    keys = keys.float().repeat_interleave(num_heads // keys.shape[1], dim=1)  # [L, H, D]
+    s = torch.einsum("nhd,lhd->hnl", step_query.float(), keys) * scale
+    pos = torch.arange(seq_len, device=s.device)
+    limit = seq_len - n + torch.arange(1, n + 1, device=s.device)  # row i sees keys < limit[i]
+    s = s.masked_fill(pos[None, None, :] >= limit[None, :, None], float("-inf"))
+    return torch.softmax(s, dim=-1)
 
 
 def make_logits_case(num_tokens_per_step: list[int], vocab: int, *, dtype=torch.float32,
@@ -137,6 +157,6 @@ def make_logits_case(num_tokens_per_step: list[int], vocab: int, *, dtype=torch.
         at += n + extra_rows
         cu.append(cu[-1] + n)
     tokens = torch.randint(0, vocab, (total,), generator=gen)
-    ints = dict(dtype=torch.int32, device=device)
+    ints = {"dtype": torch.int32, "device": device}
     return (logits.to(dtype).to(device), torch.tensor(tokens.tolist(), **ints),
             torch.tensor(cu, **ints), torch.tensor(rows, **ints))

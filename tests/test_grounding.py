@@ -10,7 +10,6 @@ from specguard_vllm.core.grounding import (
     rollout_grounding,
     rollout_grounding_min,
     step_attention_stats,
-    step_grounding,
 )
 
 
@@ -97,7 +96,7 @@ def test_step_attending_only_to_itself_is_ungrounded():
     blocks = torch.eye(n).expand(layers, n, n).clone()
     g = rollout_grounding(torch.zeros(layers, n), blocks)
     assert torch.all(g == 0)
-    assert step_grounding(g) == 0
+    assert rollout_grounding_min(torch.zeros(1, layers, n), blocks[None], torch.tensor([n])) == 0
 
 
 def test_sparsity_drops_small_entries_and_renormalises():

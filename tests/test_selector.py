@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specguard_vllm.core.selector import lcs_length, select_candidate, select_candidates, similarity
+from specguard_vllm.core.selector import lcs_length, select_candidate, similarity
 
 tokens = st.lists(st.integers(0, 6), max_size=40)
 
@@ -72,12 +74,37 @@ def test_choice_is_invariant_to_candidate_order_up_to_ties(cands, data):
     assert k >= 2
 
 
-def test_batched_selection_matches_per_request():
+def central_candidate(cands, loglik) -> int:
+    """The slow obvious selector: the highest exact mean ROUGE-L to the others, then the
+    higher log-likelihood, then the lower index."""
+    k = len(cands)
+
+    def rouge_l(a, b):
+        return Fraction(1) if not a and not b else Fraction(2 * lcs_table(a, b), len(a) + len(b))
+
+    centrality = [sum(rouge_l(cands[i], cands[j]) for j in range(k) if j != i) / (k - 1)
+                  for i in range(k)]
+    return max(range(k), key=lambda i: (centrality[i], loglik[i], -i))
+
+
+def test_selection_of_padded_rows_matches_the_exact_central_candidate():
     ids = torch.tensor([[[1, 2, 3, 0], [1, 2, 4, 0], [7, 7, 7, 7]],
                         [[5, 5, 0, 0], [6, 6, 6, 0], [6, 6, 6, 1]]])
     lengths = torch.tensor([[3, 3, 4], [2, 3, 4]])
-    loglik = torch.zeros(2, 3)
-    got = select_candidates(ids, lengths, loglik)
-    want = [select_candidate([ids[b, c, : lengths[b, c]].tolist() for c in range(3)], [0.0] * 3)
-            for b in range(2)]
-    assert got.tolist() == want
+    # What the proposer does: each candidate row cut to its step length, then selected.
+    rows = [[ids[b, c, : lengths[b, c]].tolist() for c in range(3)] for b in range(2)]
+    got = [select_candidate(cands, [0.0] * 3) for cands in rows]
+    want = [central_candidate(cands, [0.0] * 3) for cands in rows]
+    assert got == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cands=st.lists(st.lists(st.integers(0, 4), max_size=8), min_size=1, max_size=5),
+    data=st.data(),
+)
+def test_choice_equals_the_exact_central_candidate(cands, data):
+    loglik = data.draw(st.lists(st.sampled_from([-2.0, -1.0, 0.0]), min_size=len(cands),
+                                max_size=len(cands)))
+    want = central_candidate(cands, loglik) if len(cands) > 1 else 0
+    assert select_candidate(cands, loglik) == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specguard_vllm.core.confidence import lpbv_normalised, segment_min, token_logprobs
+from specguard_vllm.core.confidence import lpbv_normalised, min_logprob_per_step, token_logprobs
 from specguard_vllm.core.decision import decide_steps, ensemble_score
 from specguard_vllm.core.steps import StepSegmenter
 
@@ -26,7 +27,7 @@ def test_step_ends_at_first_token_containing_the_delimiter():
     assert seg.step_length([0, 3, 0]) == 2  # delimiter inside a token
     assert seg.step_length([0, 1]) is None
     assert seg.step_length([0, 6]) == 2  # EOS ends a step
-    assert seg.step_lengths(torch.tensor([[0, 1, 2, 0], [0, 0, 0, 0], [3, 0, 0, 0]])).tolist() == [3, 4, 1]
+    assert [seg.step_length(r) for r in [[0, 1, 2, 0], [0, 0, 0, 0], [3, 0, 0, 0]]] == [3, None, 1]
 
 
 def test_multi_token_delimiter_is_found_across_tokens():
@@ -35,7 +36,7 @@ def test_multi_token_delimiter_is_found_across_tokens():
     assert seg.step_length([0, 2, 2, 0]) == 3  # "\n" + "\n"
     assert seg.step_length([0, 5]) == 2
     assert seg.step_length([2, 0], prefix=[2]) == 1  # started in the open step's prefix
-    assert seg.step_lengths(torch.tensor([[0, 2, 2, 0], [1, 1, 1, 1]])).tolist() == [3, 4]
+    assert [seg.step_length(r) for r in [[0, 2, 2, 0], [1, 1, 1, 1]]] == [3, None]
 
 
 def test_segmenter_refuses_empty_delimiters():
@@ -45,14 +46,24 @@ def test_segmenter_refuses_empty_delimiters():
         segmenter([""])
 
 
+def first_step_end(row, delims, eos=6):
+    """The slow obvious scan: the first prefix whose decoded text holds a delimiter, or EOS."""
+    for t in range(len(row)):
+        text = "".join(VOCAB[i] for i in row[: t + 1])
+        if row[t] == eos or any(d in text for d in delims):
+            return t + 1
+    return None
+
+
 @settings(max_examples=100, deadline=None)
-@given(rows=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=10), min_size=1, max_size=6))
-def test_batched_step_lengths_equal_scalar_scan(rows):
-    seg = segmenter(["\n"])
-    width = max(len(r) for r in rows)
-    padded = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    expected = [seg.step_length(r) or width for r in padded.tolist()]
-    assert seg.step_lengths(padded).tolist() == expected
+@given(
+    rows=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=10), min_size=1, max_size=6),
+    delims=st.sampled_from([["\n"], ["\n\n"], ["\n\n", "y"]]),
+)
+def test_step_length_equals_the_decoded_text_scan(rows, delims):
+    seg = segmenter(delims)
+    expected = [first_step_end(r, delims) for r in rows]
+    assert [seg.step_length(r) for r in rows] == expected
 
 
 @settings(max_examples=100, deadline=None)
@@ -65,12 +76,24 @@ def test_token_logprobs_equal_log_softmax_gather(t, v, seed):
     torch.testing.assert_close(token_logprobs(logits, tokens), want)
 
 
-def test_segment_min_over_ragged_steps():
+def test_min_logprob_per_step_over_ragged_steps():
     values = torch.tensor([-1.0, -3.0, -0.5, -2.0, -0.1, -4.0])
     cu = torch.tensor([0, 2, 3, 6])
-    assert segment_min(values, cu).tolist() == [-3.0, -0.5, -4.0]
+    assert min_logprob_per_step(values, cu).tolist() == [-3.0, -0.5, -4.0]
+    # An empty step has no token to doubt: 0.0, finite.
+    assert min_logprob_per_step(values, torch.tensor([0, 0, 6])).tolist() == [0.0, -4.0]
     with pytest.raises(ValueError):
-        segment_min(values, torch.tensor([0, 0, 6]))
+        min_logprob_per_step(values, torch.tensor([0, 3, 2]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(0, 5), min_size=1, max_size=6), seed=st.integers(0, 10**6))
+def test_min_logprob_per_step_equals_python_min_of_each_slice(lengths, seed):
+    gen = torch.Generator().manual_seed(seed)
+    values = -torch.rand(sum(lengths), generator=gen) * 10
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    want = [min(values[a:b].tolist(), default=0.0) for a, b in itertools.pairwise(cu)]
+    assert min_logprob_per_step(values, cu).tolist() == want
 
 
 def test_lpbv_normalisation_maps_zero_to_one_and_floor_to_zero():

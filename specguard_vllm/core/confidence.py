@@ -18,14 +18,20 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def segment_min(values: torch.Tensor, cu_lengths: torch.Tensor) -> torch.Tensor:
-    """Minimum of each ragged segment ``values[cu[i]:cu[i+1]]``; every segment non-empty."""
-    lengths = cu_lengths[1:] - cu_lengths[:-1]
-    if (lengths <= 0).any():
-        raise ValueError("every segment must have at least one value")
-    segment_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
-    out = torch.full((lengths.numel(),), float("inf"), dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, segment_ids, values, reduce="amin", include_self=True)
+def min_logprob_per_step(logprobs: torch.Tensor, cu_num_tokens: torch.Tensor) -> torch.Tensor:
+    """``L_min`` of every step of a ragged batch: the minimum of ``logprobs[cu[b]:cu[b+1]]``.
+
+    An empty step's minimum is 0.0 (no token to doubt): it stays finite, and a
+    step without tokens is never judged anyway. Returns ``[B]`` float32.
+    """
+    counts = (cu_num_tokens[1:] - cu_num_tokens[:-1]).long().to(logprobs.device)
+    if (counts < 0).any():
+        raise ValueError("cu_num_tokens must be non-decreasing")
+    num_steps = counts.numel()
+    owner = torch.repeat_interleave(torch.arange(num_steps, device=logprobs.device), counts)
+    mins = torch.full((num_steps,), float("inf"), dtype=torch.float32, device=logprobs.device)
+    mins.scatter_reduce_(0, owner, logprobs[: owner.numel()].float(), reduce="amin")
+    return torch.where(counts > 0, mins, torch.zeros_like(mins))
 
 
 def lpbv_normalised(l_min: torch.Tensor, lpbv_floor: float) -> torch.Tensor:

@@ -49,44 +49,47 @@ def step_attention_stats(
     return prefix_mass, block
 
 
+def _rollout(prefix_mass: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """The rollout recursion of SPECGUARD.md section 3, for a batch of steps: ``[B, n]``.
+
+    ``g^l(i) = sum_{j in S} Â[i,j] + sum_{j in step, j<=i} Â[i,j] g^{l-1}(j)`` with
+    ``Â = 0.5 A + 0.5 I`` and ``g^0 = 0`` on the step (S's grounding of 1 is folded
+    into the prefix mass). One bmm per layer serves every step of the batch.
+    ``prefix_mass [B, m, n]`` and ``block [B, m, n, n]``, lowest layer first.
+    """
+    batch, m, n = prefix_mass.shape
+    eye = torch.eye(n, dtype=torch.float32, device=prefix_mass.device)
+    g = torch.zeros(batch, n, 1, dtype=torch.float32, device=prefix_mass.device)
+    for layer in range(m):
+        a_hat_block = RESIDUAL_WEIGHT * block[:, layer].float() + (1.0 - RESIDUAL_WEIGHT) * eye
+        prefix = RESIDUAL_WEIGHT * prefix_mass[:, layer].float().unsqueeze(-1)
+        g = prefix + torch.bmm(a_hat_block, g)
+    return g.squeeze(-1).clamp(0.0, 1.0)
+
+
 def rollout_grounding(prefix_mass: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """Grounding g(i) of every step token after rolling out m layers.
+    """Grounding g(i) of every token of one step after rolling out m layers: ``[n]`` in [0, 1].
 
     Args:
         prefix_mass: ``[m, n]`` per layer, lowest of the last m layers first.
-        block: ``[m, n, n]`` per layer, the in-step lower-triangular block.
-
-    Implements ``g^l(i) = sum_{j in S} Â[i,j] + sum_{j in step, j<=i} Â[i,j] g^{l-1}(j)``
-    with ``Â = 0.5 A + 0.5 I`` and ``g^0 = 0`` on the step (1 on S, folded into the
-    prefix mass). Returns ``[n]`` in [0, 1].
+        block: ``[m, n, n]`` per layer, the in-step lower-triangular block
+            (``step_attention_stats``).
     """
     if prefix_mass.dim() != 2 or block.dim() != 3:
         raise ValueError("prefix_mass must be [layers, n] and block [layers, n, n]")
     m, n = prefix_mass.shape
     if block.shape != (m, n, n):
         raise ValueError(f"block shape {tuple(block.shape)} != {(m, n, n)}")
-    g = torch.zeros(n, dtype=torch.float32, device=prefix_mass.device)
-    eye = torch.eye(n, dtype=torch.float32, device=prefix_mass.device)
-    for layer in range(m):
-        a_hat_block = RESIDUAL_WEIGHT * block[layer].float() + (1.0 - RESIDUAL_WEIGHT) * eye
-        g = RESIDUAL_WEIGHT * prefix_mass[layer].float() + a_hat_block @ g
-    return g.clamp(0.0, 1.0)
-
-
-def step_grounding(g: torch.Tensor) -> torch.Tensor:
-    """ABGV of a step: the minimum grounding over its tokens (G_min)."""
-    if g.numel() == 0:
-        raise ValueError("a step has at least one token")
-    return g.min()
+    return _rollout(prefix_mass.unsqueeze(0), block.unsqueeze(0))[0]
 
 
 def rollout_grounding_min(
     prefix_mass: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
-    """G_min of a whole batch of ragged steps in one batched pass.
+    """ABGV (G_min, the minimum grounding over the step) of a whole batch of ragged steps.
 
-    One bmm per layer for every request at once instead of a Python loop with
-    a host sync per request (the verifier runs this on every decode step).
+    The verifier runs this on every decode step: one batched rollout for every
+    request, with no Python loop and no host sync per request.
 
     Args:
         prefix_mass: ``[B, m, n_max]`` per request and layer, padded.
@@ -116,11 +119,6 @@ def rollout_grounding_min(
     # where, not a product: padding may hold inf/NaN and must not survive the mask.
     masses = torch.where(valid.unsqueeze(1), prefix_mass.float(), zero)
     blocks = torch.where(valid_block.unsqueeze(1), block.float(), zero)
-    eye = torch.eye(n, dtype=torch.float32, device=device)
-    g = torch.zeros(b, n, 1, dtype=torch.float32, device=device)
-    for layer in range(m):
-        a_hat_block = RESIDUAL_WEIGHT * blocks[:, layer] + (1.0 - RESIDUAL_WEIGHT) * eye
-        g = RESIDUAL_WEIGHT * masses[:, layer].unsqueeze(-1) + torch.bmm(a_hat_block, g)
-    g = g.squeeze(-1).clamp(0.0, 1.0)
+    g = _rollout(masses, blocks)
     g_min = torch.where(valid, g, torch.full_like(g, float("inf"))).amin(dim=-1)
     return torch.where(lengths > 0, g_min, torch.ones_like(g_min))

@@ -9,9 +9,7 @@ deterministic for a given set of candidates.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
-
-import torch
+from collections.abc import Sequence
 
 # Similarities equal up to float rounding count as a tie.
 TIE_TOLERANCE = 1e-9
@@ -33,7 +31,7 @@ def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
     for token in a:
         u = v & match_masks.get(token, 0)
         v = ((v + u) | (v - u)) & full
-    return len(b) - bin(v).count("1")
+    return len(b) - v.bit_count()
 
 
 def similarity(a: Sequence[int], b: Sequence[int], measure: str = "rouge_l") -> float:
@@ -71,32 +69,10 @@ def select_candidate(
     centrality = [sum(row) / (k - 1) for row in sims]
     best = 0
     for i in range(1, k):
-        if centrality[i] > centrality[best] + TIE_TOLERANCE:
-            best = i
-        elif abs(centrality[i] - centrality[best]) <= TIE_TOLERANCE and (
-            log_likelihoods[i] > log_likelihoods[best]
+        tie = abs(centrality[i] - centrality[best]) <= TIE_TOLERANCE
+        if centrality[i] > centrality[best] + TIE_TOLERANCE or (
+            tie and log_likelihoods[i] > log_likelihoods[best]
         ):
             best = i
     return best
 
-
-def select_candidates(
-    candidate_ids: torch.Tensor,
-    candidate_lengths: torch.Tensor,
-    log_likelihoods: torch.Tensor,
-    measure: str = "rouge_l",
-) -> torch.Tensor:
-    """Batched selection: ``[B, k, L]`` ids, ``[B, k]`` lengths and log-likelihoods -> ``[B]``."""
-    if candidate_ids.dim() != 3:
-        raise ValueError(f"candidate_ids must be [batch, k, length], got {tuple(candidate_ids.shape)}")
-    batch, k, _ = candidate_ids.shape
-    if k == 1:
-        return torch.zeros(batch, dtype=torch.long)
-    ids = candidate_ids.tolist()
-    lengths = candidate_lengths.tolist()
-    loglik = log_likelihoods.tolist()
-    chosen = [
-        select_candidate([ids[b][c][: lengths[b][c]] for c in range(k)], loglik[b], measure)
-        for b in range(batch)
-    ]
-    return torch.tensor(chosen, dtype=torch.long)

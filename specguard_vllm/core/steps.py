@@ -8,7 +8,7 @@ mask with no decoding. A delimiter that can span tokens ("\\n\\n" written as two
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -75,19 +75,3 @@ class StepSegmenter:
         before = self.decode(list(prefix) + list(step[:-1]))
         after = self.decode(list(prefix) + list(step))
         return any(d in after and after.count(d) > before.count(d) for d in self.delimiters)
-
-    def step_lengths(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Batched ``[R, L]`` -> ``[R]`` lengths (L where no row position ends a step)."""
-        if token_ids.dim() != 2:
-            raise ValueError(f"token_ids must be [rows, length], got {tuple(token_ids.shape)}")
-        rows, length = token_ids.shape
-        if self._needs_text_scan:
-            found = [self.step_length(row) for row in token_ids.tolist()]
-            return torch.tensor([length if f is None else f for f in found], dtype=torch.long)
-        mask = self.contains_delimiter.to(token_ids.device)
-        in_vocab = (token_ids >= 0) & (token_ids < mask.numel())
-        ends = torch.zeros_like(token_ids, dtype=torch.bool)
-        ends[in_vocab] = mask[token_ids[in_vocab]]
-        positions = torch.arange(length, device=token_ids.device).expand(rows, length)
-        first = torch.where(ends, positions, torch.full_like(positions, length)).min(dim=1).values
-        return torch.where(first < length, first + 1, torch.full_like(first, length))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from specguard_vllm.kernels import GroundingWorkspace, step_grounding_stats, step_min_logprob
 from specguard_vllm.kernels.min_logprob_ref import step_min_logprob_ref
 from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
@@ -19,11 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_cpu_dispatch_uses_reference_and_fills_the_workspace():
     case = make_grounding_case([3, 2], [30, 12], seed=9)
     ws = GroundingWorkspace.allocate(8, 4, 4)
-    kw = dict(scale=case.scale, sparsity=0.01, max_step_len=4, query_start=case.query_start)
-    args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-    pm, blk = step_grounding_stats(*args, workspace=ws, **kw)
+    pm, blk = step_grounding_stats(*case.args, **case.kwargs(0.01, max_step_len=4, workspace=ws))
     assert pm.data_ptr() == ws.prefix_mass.data_ptr() and blk.data_ptr() == ws.block.data_ptr()
-    pr, br = step_grounding_stats_ref(*args, **kw)
+    pr, br = step_grounding_stats_ref(*case.args, **case.kwargs(0.01, max_step_len=4))
     torch.testing.assert_close(pm[:5], pr)
     torch.testing.assert_close(blk[:5], br)
     logits, tokens, cu, rows = make_logits_case([2, 0, 3], 50)
@@ -36,8 +33,8 @@ def test_cpu_dispatch_uses_reference_and_fills_the_workspace():
 def test_every_kernel_compiles_for_sm90_and_sm80_without_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "specguard_vllm.kernels.aot", "cuda:90", "cuda:80"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "specguard_vllm.kernels.aot", "cuda:90", "cuda:80"],
+                         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob"):

@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from specguard_vllm.kernels.min_logprob import step_min_logprob_triton
 from specguard_vllm.kernels.min_logprob_ref import step_min_logprob_ref
 from specguard_vllm.kernels.testing import make_logits_case
@@ -61,7 +60,7 @@ def test_static_counters_are_rearmed_for_the_next_call(device):
     counters = torch.zeros(3, dtype=torch.int32, device=device)
     for steps, seed in (([3, 0, 5], 1), ([1, 4, 2], 2), ([5, 5, 5], 3)):
         logits, tokens, cu, rows = make_logits_case(steps, 300, device=device, seed=seed)
-        lp, mn = step_min_logprob_triton(logits, tokens, cu, max_step_len=5, rows=rows,
+        _lp, mn = step_min_logprob_triton(logits, tokens, cu, max_step_len=5, rows=rows,
                                          counters=counters)
         _, mn_ref = step_min_logprob_ref(logits, tokens, cu, rows=rows)
         torch.testing.assert_close(mn.cpu(), mn_ref.cpu(), atol=2e-5, rtol=1e-5)

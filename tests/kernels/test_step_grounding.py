@@ -4,23 +4,26 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
 from specguard_vllm.kernels.kv_layout import k_cache_view
 from specguard_vllm.kernels.step_grounding import step_grounding_stats_triton
 from specguard_vllm.kernels.step_grounding_ref import step_grounding_stats_ref
-from specguard_vllm.kernels.testing import LAYOUTS, make_grounding_case, threshold_margin
+from specguard_vllm.kernels.testing import (
+    LAYOUTS,
+    dense_step_probs,
+    make_grounding_case,
+    threshold_margin,
+)
 from specguard_vllm.kernels.workspace import GroundingWorkspace
+
 from specguard_vllm.core.grounding import step_attention_stats
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def run_both(case, sparsity, workspace=None, **launch):
-    kw = dict(scale=case.scale, sparsity=sparsity, max_step_len=case.max_step_len,
-              query_start=case.query_start)
-    args = (case.query, case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-    pm, blk = step_grounding_stats_triton(*args, workspace=workspace, **kw, **launch)
-    pr, br = step_grounding_stats_ref(*args, **kw)
+    pm, blk = step_grounding_stats_triton(*case.args,
+                                          **case.kwargs(sparsity, workspace=workspace, **launch))
+    pr, br = step_grounding_stats_ref(*case.args, **case.kwargs(sparsity))
     t = case.num_step_tokens
     return pm[:t].cpu(), blk[:t].cpu(), pr.cpu(), br.cpu()
 
@@ -76,7 +79,7 @@ def test_step_covering_the_whole_context_has_no_prefix_mass(device):
 
 def test_row_with_every_entry_below_threshold_keeps_its_dense_distribution(device):
     case = make_grounding_case([3], [200], device=device, seed=2)
-    pm, blk, pr, br = run_both(case, 1.0)
+    pm, blk, pr, _br = run_both(case, 1.0)
     torch.testing.assert_close(pm, pr, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(pm + blk.sum(-1), torch.ones(3), atol=1e-5, rtol=0)
 
@@ -117,7 +120,7 @@ def test_fewer_rows_may_use_more_splits_but_never_overflow_the_scratch(device):
     ws = GroundingWorkspace.allocate(16, 4, 8, max_splits=2, device=device)
     assert ws.max_splits_for(4) == 8 and ws.max_splits_for(64) == 1
     one = make_grounding_case([4], [400], device=device, max_step_len=4, seed=13)
-    pm, blk, pr, br = run_both(one, 0.01, workspace=ws, num_splits=8, block_n=16)
+    pm, _blk, pr, _br = run_both(one, 0.01, workspace=ws, num_splits=8, block_n=16)
     torch.testing.assert_close(pm, pr, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="slots"):
         run_both(one, 0.01, workspace=ws, num_splits=9, block_n=16)
@@ -128,15 +131,10 @@ def test_fewer_rows_may_use_more_splits_but_never_overflow_the_scratch(device):
 
 def test_reference_is_core_step_attention_stats_on_dense_probabilities():
     case = make_grounding_case([3], [20], num_heads=2, num_kv_heads=2, block_size=8, seed=7)
-    keys = case.k_view[case.block_table[0, :3].long()].reshape(-1, 2, 32)[:23].float()
-    q = case.query[case.query_start[0]: case.query_start[0] + 3].float()
-    s = torch.einsum("nhd,lhd->hnl", q, keys) * case.scale
-    s = s.masked_fill(torch.arange(23)[None, None] > (20 + torch.arange(3))[None, :, None],
-                      float("-inf"))
-    want = step_attention_stats(torch.softmax(s, -1), 20, 0.01)
-    got = step_grounding_stats_ref(case.query, case.k_view, case.block_table, case.seq_lens,
-                                   case.cu_step_lens, scale=case.scale, sparsity=0.01,
-                                   max_step_len=3, query_start=case.query_start)
+    keys = case.k_view[case.block_table[0, :3].long()].reshape(-1, 2, 32)[:23]
+    q = case.query[case.query_start[0]: case.query_start[0] + 3]
+    want = step_attention_stats(dense_step_probs(q, keys, case.scale), 20, 0.01)
+    got = step_grounding_stats_ref(*case.args, **case.kwargs(0.01))
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
 
@@ -175,14 +173,11 @@ def test_reads_each_backends_own_cache(device, layout):
     _write_keys_like_backend(kv_cache, backend, keys, slots, d)
     k_view = k_cache_view(kv_cache, backend, d)
     q = torch.randn(n, h, d, generator=gen).to(device) * 2
-    ints = dict(dtype=torch.int32, device=device)
+    ints = {"dtype": torch.int32, "device": device}
     args = (q, k_view, table, torch.tensor([seq], **ints), torch.tensor([0, n], **ints))
-    kw = dict(scale=d ** -0.5, sparsity=0.01, max_step_len=n)
+    kw = {"scale": d ** -0.5, "sparsity": 0.01, "max_step_len": n}
     pm, blk = step_grounding_stats_triton(*args, **kw, num_splits=2, block_n=16)
-    s = torch.einsum("nhd,lhd->hnl", q.float(), keys.repeat_interleave(2, 1).float()) * d ** -0.5
-    s = s.masked_fill(pos[None, None] > (ctx + torch.arange(n, device=device))[None, :, None],
-                      float("-inf"))
-    want_pm, want_blk = step_attention_stats(torch.softmax(s, -1), ctx, 0.01)
+    want_pm, want_blk = step_attention_stats(dense_step_probs(q, keys, d ** -0.5), ctx, 0.01)
     torch.testing.assert_close(pm[:n], want_pm, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(blk[:n], want_blk, atol=2e-5, rtol=1e-4)
 
@@ -190,7 +185,7 @@ def test_reads_each_backends_own_cache(device, layout):
 def test_launch_wrapper_rejects_mismatched_inputs(device):
     case = make_grounding_case([2], [10], device=device)
     args = (case.k_view, case.block_table, case.seq_lens, case.cu_step_lens)
-    kw = dict(scale=1.0, sparsity=0.01, max_step_len=2)
+    kw = {"scale": 1.0, "sparsity": 0.01, "max_step_len": 2}
     with pytest.raises(TypeError, match="share one of"):
         step_grounding_stats_triton(case.query.half(), *args, **kw)
     with pytest.raises(ValueError, match="do not fit"):
