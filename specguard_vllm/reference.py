@@ -1,24 +1,21 @@
 """The reference decoder: SpecGuard end to end on two transformers causal LMs.
 
-This is the oracle the in-engine plugin is tested against, decision by
-decision. It is written for clarity, one request at a time, with KV caches:
-
-  per step:  draft k candidates (one batched draft pass per token) -> select the
-             most central -> one target forward over ``[last committed, d_1..d_n]``
-             returning logits and the last m layers' attention -> LPBV, ABGV,
-             score -> accept the step plus a bonus token, or commit the target's
-             own first token and let the target finish the step.
-
-All SpecGuard math comes from ``specguard_vllm.core``; this module only drives
-the models and keeps the bookkeeping.
+This is the oracle the in-engine plugin is tested against, decision by decision
+and token by token, so it is written to be read: one request at a time, with KV
+caches, the loop of SPECGUARD.md section 2 in ``ReferenceDecoder.generate`` and
+one method per part of it (draft candidates, select the central one, verify and
+score the step, accept it or recover from it). All SpecGuard math comes from
+``specguard_vllm.core``; this module only drives the models and keeps the books.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -31,6 +28,11 @@ from specguard_vllm.core.steps import StepSegmenter
 
 Mode = Literal["specguard", "target", "draft"]
 MODES: tuple[str, ...] = ("specguard", "target", "draft")
+
+# Where a committed token came from: an accepted step ("step"), the prefix of a rejected
+# step kept by token-level verification ("prefix"), a draft accepted by token-level SD
+# while finishing a step or in an accepted step's tail ("sd"), or the target itself.
+ORIGINS = ("step", "prefix", "sd", "target")
 
 
 class PairMismatchError(ValueError):
@@ -62,12 +64,6 @@ class StepRecord:
         }
 
 
-# Where a committed token came from: an accepted step ("step"), the prefix of a rejected
-# step kept by token-level verification ("prefix"), a draft accepted by token-level SD
-# while finishing a step or in an accepted step's tail ("sd"), or the target itself.
-ORIGINS = ("step", "prefix", "sd", "target")
-
-
 def origin_counts(origins: Sequence[str]) -> dict[str, int]:
     return {name: sum(1 for o in origins if o == name) for name in ORIGINS}
 
@@ -91,11 +87,395 @@ class DecodeResult:
         return sum(1 for s in self.steps if s.decision is not None and not s.decision.accepted)
 
 
+class StepMode(Enum):
+    """Who writes the rest of the open step (SPECGUARD.md sections 2.5 and 4)."""
+
+    DRAFT = "draft"  # the draft proposes the step and the target judges it
+    REGENERATE = "regenerate"  # rejected, `fallback: target`: the target, one token a pass
+    TOKEN_LEVEL = "token_level"  # rejected, `fallback: speculative`: token-level SD
+
+
+@dataclass
+class Candidates:
+    """The k drafted rows; a row's first ``step_lens[c]`` tokens are its step, the rest its tail."""
+
+    rows: list[list[int]]
+    step_lens: list[int]
+    loglik: list[float]  # each step's draft log-likelihood, the selector's tie-break
+
+    def central(self, selector: str) -> tuple[list[int], int]:
+        """The row whose step is most similar to the other steps, and its step length."""
+        steps = [row[:n] for row, n in zip(self.rows, self.step_lens)]
+        best = select_candidate(steps, self.loglik, selector)
+        return self.rows[best], self.step_lens[best]
+
+
+class ReferenceDecoder:
+    """SpecGuard, target-only and draft-only decoding on transformers models."""
+
+    def __init__(self, target, draft, tokenizer, config: SpecGuardConfig, draft_tokenizer=None):
+        check_pair(target, draft, tokenizer, draft_tokenizer)
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.config = config
+        num_layers = target.config.num_hidden_layers
+        if config.specguard.grounding_layers > num_layers:
+            raise ValueError(
+                f"specguard.grounding_layers is {config.specguard.grounding_layers} but the target "
+                f"has only {num_layers} layers"
+            )
+        self.segmenter = StepSegmenter.from_tokenizer(
+            tokenizer, config.specguard.step_delimiters, vocab_size=target.config.vocab_size
+        )
+        self.eos_token_ids = self._eos_ids()
+        self.max_context = min(context_limit(target), context_limit(draft))
+
+    @classmethod
+    def from_paths(cls, target_path, config: SpecGuardConfig, dtype=torch.float32):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(target_path))
+        draft_tokenizer = None
+        if (Path(config.model) / "tokenizer.json").exists() or (
+            Path(config.model) / "tokenizer_config.json"
+        ).exists():
+            draft_tokenizer = AutoTokenizer.from_pretrained(config.model)
+        target = load_causal_lm(target_path, dtype)
+        draft = load_causal_lm(config.model, dtype)
+        return cls(target, draft, tokenizer, config, draft_tokenizer)
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set()
+        generation_eos = getattr(self.target.generation_config, "eos_token_id", None)
+        for source in (self.tokenizer.eos_token_id, generation_eos):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(int(x) for x in source)
+        return frozenset(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens but the models' context is "
+                f"{self.max_context} tokens (target {context_limit(self.target)}, "
+                f"draft {context_limit(self.draft)})"
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        mode: Mode = "specguard",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        params: SpecGuardParams | None = None,
+    ) -> DecodeResult:
+        """Decode one prompt; ``temperature`` is the target's sampling temperature."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        params = params or self.config.specguard
+        self.check_prompt(prompt_ids)
+        req = _Request(self, prompt_ids, max_tokens, temperature, seed, params)
+        writer = "draft" if mode == "draft" else "target"  # who writes a token a pass
+        if len(req.prompt) > 1 and writer == "target":
+            self._forward(self.target, req.prompt[:-1], req.target_cache)
+        # As in vLLM, the prefill pass emits the first token itself; drafting starts after it.
+        finished = self._write_token(req, writer)
+        while not finished:
+            max_len = min(self.config.num_speculative_tokens, req.draft_room())
+            if mode != "specguard" or req.step_mode is StepMode.REGENERATE or max_len < 1:
+                finished = self._write_token(req, writer)
+                continue
+            candidates = self._draft_candidates(req, params, max_len)  # 1. draft k candidates
+            row, step_len = candidates.central(params.selector)  # 2. select the central one
+            logits, attentions = self._verification_pass(req, row)  # 3. verify: one target pass
+            if req.step_mode is StepMode.TOKEN_LEVEL:  # the rest of a rejected step
+                finished = self._token_level(req, logits, row, "sd")
+                continue
+            context_len = len(req.committed)
+            decision = _judge(logits, attentions, row, step_len, context_len, params)  # 4. score
+            req.step.judged(decision, row[:step_len], context_len)
+            if decision.accepted:  # 5. decide
+                finished = self._accept(req, logits, row, step_len)
+            elif params.fallback == "speculative":
+                finished = self._speculative_fallback(req, logits, row)
+            else:
+                finished = self._regenerate(req, logits)
+        req.close_step(writer)
+        return req.result()
+
+    # ------------------------------------------------------------------ the step's parts
+
+    def _draft_candidates(self, req: _Request, params: SpecGuardParams, max_len: int) -> Candidates:
+        """k candidate steps from one batched draft pass per token (SPECGUARD.md 2.1).
+
+        A candidate stops at its step's end, or with ``fallback: speculative`` runs on past it
+        to ``max_len`` tokens, as the engine drafts (section 4); an EOS stops it either way.
+        """
+        k, temperature = params.num_candidates, params.draft_temperature
+        full_rows = params.fallback == "speculative"
+        logits = self._draft_catch_up(req).logits[0, -1:].float().expand(k, -1)
+        cache = copy.deepcopy(req.draft_cache)  # the candidates' keys never enter the draft cache
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        rows: list[list[int]] = [[] for _ in range(k)]
+        step_lens: list[int | None] = [None] * k
+        loglik = [0.0] * k
+        done = [False] * k
+        for position in range(max_len):
+            tokens = _sample(logits, temperature, req.draft_gen)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for c in range(k):
+                if done[c]:
+                    continue
+                token = int(tokens[c])
+                rows[c].append(token)
+                if step_lens[c] is None:
+                    loglik[c] += float(logprobs[c, token])
+                    if self.segmenter.step_length(rows[c], prefix=req.step.tokens) is not None:
+                        step_lens[c] = len(rows[c])
+                if token in self.eos_token_ids or (step_lens[c] is not None and not full_rows):
+                    done[c] = True
+            if all(done) or position == max_len - 1:
+                break
+            out = self._forward(self.draft, tokens.view(k, 1), cache)
+            req.draft_forwards += 1
+            logits = out.logits[:, -1].float()
+        lengths = [len(row) if n is None else n for row, n in zip(rows, step_lens)]
+        return Candidates(rows, lengths, loglik)
+
+    def _verification_pass(self, req: _Request, row: list[int]):
+        """The target's one forward over ``[last committed, d_1..d_n]``: ``[n + 1, V]`` logits
+        (row t predicts d_{t+1}; the last, the bonus token) and every layer's attention."""
+        ids = req.committed[-1:] + row
+        out = self._forward(self.target, ids, req.target_cache, attentions=True)
+        req.target_forwards += 1
+        return out.logits[0].float(), out.attentions
+
+    def _accept(self, req: _Request, logits: torch.Tensor, row: list[int], step_len: int) -> bool:
+        """Commit the whole step, then verify the tail token-level (an empty tail: the bonus)."""
+        finished = req.commit(row[:step_len], "step")
+        req.close_step("draft")
+        return finished or self._token_level(req, logits[step_len:], row[step_len:], "sd")
+
+    def _speculative_fallback(self, req: _Request, logits: torch.Tensor, row: list[int]) -> bool:
+        """`fallback: speculative`: keep the row's prefix that token-level SD accepts, plus the
+        recovered token, and finish the step token-level (SPECGUARD.md section 4)."""
+        req.step_mode = StepMode.TOKEN_LEVEL
+        return self._token_level(req, logits, row, "prefix")
+
+    def _regenerate(self, req: _Request, logits: torch.Tensor) -> bool:
+        """`fallback: target` (the paper's): drop the step, commit the target's own token at its
+        first position, and let the target write the rest one token a pass."""
+        req.crop_target(len(req.committed))
+        first = int(_sample(logits[:1], req.temperature, req.target_gen)[0])
+        req.step_mode = StepMode.REGENERATE
+        return req.commit_kept([first], "target")
+
+    def _token_level(self, req: _Request, logits: torch.Tensor, drafted: list[int],
+                     draft_origin: str) -> bool:
+        """Lossless token-level SD of ``drafted`` on the pass's logits: commit the drafts it keeps
+        (as ``draft_origin``) and its recovered or bonus token; drop the rest's keys."""
+        kept = token_level_verify(logits, drafted, req.temperature, req.target_gen)
+        req.crop_target(len(req.committed) + len(kept) - 1)
+        return req.commit_kept(kept, draft_origin)
+
+    def _write_token(self, req: _Request, writer: Literal["target", "draft"]) -> bool:
+        """One pass of ``writer``, one sampled token: target-only and draft-only decoding, the
+        first token, and a step the target regenerates."""
+        if writer == "draft":
+            out = self._draft_catch_up(req)
+        else:
+            out = self._forward(self.target, req.committed[-1:], req.target_cache)
+            req.target_forwards += 1
+        token = int(_sample(out.logits[0, -1:].float(), req.temperature, req.target_gen)[0])
+        return req.commit_kept([token], "target", source=writer)
+
+    def _draft_catch_up(self, req: _Request):
+        """The draft's pass over the committed tokens its cache lacks (at least the last one)."""
+        out = self._forward(self.draft, req.committed[req.draft_seen:], req.draft_cache)
+        req.draft_seen = len(req.committed)
+        req.draft_forwards += 1
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, model, input_ids: list[int] | torch.Tensor, cache, attentions: bool = False):
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([input_ids])
+        return model(input_ids=ids, past_key_values=cache, use_cache=True,
+                     output_attentions=attentions)
+
+    @torch.inference_mode()
+    def score_step(self, context_ids: Sequence[int], step_ids: Sequence[int],
+                   params: SpecGuardParams | None = None) -> StepDecision:
+        """Verify one given step after a given context, from scratch (no cache).
+
+        The differential tests use this to re-score every step the vLLM engine took.
+        """
+        params = params or self.config.specguard
+        context, step = list(context_ids), list(step_ids)
+        if not context or not step:
+            raise ValueError("score_step needs a non-empty context and step")
+        out = self._forward(self.target, context + step, None, attentions=True)
+        logits = out.logits[0, len(context) - 1:].float()
+        return _judge(logits, out.attentions, step, len(step), len(context), params)
+
+
+# ---------------------------------------------------------------------- one request's books
+
+
+@dataclass
+class _OpenStep:
+    """The step being written: its committed tokens so far and, once judged, its verdict."""
+
+    tokens: list[int] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)
+    decision: StepDecision | None = None
+    drafted: list[int] = field(default_factory=list)
+    context_len: int | None = None
+
+    def judged(self, decision: StepDecision, drafted: list[int], context_len: int) -> None:
+        self.decision, self.drafted, self.context_len = decision, drafted, context_len
+
+
+class _Request:
+    """One request's state: committed tokens, closed step records, the open step, both KV
+    caches (the target's holds every committed token but the last) and the seeded RNGs."""
+
+    def __init__(self, decoder: ReferenceDecoder, prompt_ids: Sequence[int], max_tokens: int,
+                 temperature: float, seed: int, params: SpecGuardParams):
+        from transformers import DynamicCache
+
+        self.decoder = decoder
+        self.prompt = list(prompt_ids)
+        self.committed = list(self.prompt)
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.target_gen = torch.Generator().manual_seed(seed)
+        draft_seed = params.seed if params.seed is not None else seed
+        self.draft_gen = torch.Generator().manual_seed(draft_seed)
+        self.target_cache = DynamicCache()
+        self.draft_cache = DynamicCache()
+        self.draft_seen = 0  # committed tokens already in the draft cache
+        self.target_forwards = 0
+        self.draft_forwards = 0
+        self.steps: list[StepRecord] = []
+        self.step = _OpenStep()
+        self.step_mode = StepMode.DRAFT
+
+    @property
+    def generated(self) -> list[int]:
+        return self.committed[len(self.prompt):]
+
+    def draft_room(self) -> int:
+        """The most tokens a drafted row may have: it and the bonus token must fit the context."""
+        return self.decoder.max_context - len(self.committed) - 1
+
+    def commit(self, tokens: list[int], origin: str) -> bool:
+        """Append tokens to the open step; True (and stop) at EOS, max_tokens or the context."""
+        d = self.decoder
+        for token in tokens:
+            self.committed.append(token)
+            self.step.tokens.append(token)
+            self.step.origins.append(origin)
+            if token in d.eos_token_ids or len(self.committed) >= d.max_context \
+                    or len(self.committed) - len(self.prompt) >= self.max_tokens:
+                return True
+        return False
+
+    def commit_kept(self, kept: list[int], draft_origin: str, source: str = "target") -> bool:
+        """Commit what a verification kept: drafts (``draft_origin``), then the model's own token,
+        closing the open step at every step end; True when decoding ends."""
+        for j, token in enumerate(kept):
+            finished = self.commit([token], draft_origin if j < len(kept) - 1 else "target")
+            ends_step = self.decoder.segmenter.step_length([token], prefix=self.step.tokens[:-1])
+            if ends_step is not None:
+                self.close_step(source)
+            if finished:
+                return True
+        return False
+
+    def close_step(self, source: str) -> None:
+        """Record the open step (if it has tokens) and open the next, drafted again."""
+        s = self.step
+        if s.tokens:
+            self.steps.append(StepRecord(s.tokens, self.decoder.decode(s.tokens), source,
+                                         s.decision, s.drafted, s.context_len, s.origins))
+        self.step = _OpenStep()
+        self.step_mode = StepMode.DRAFT
+
+    def crop_target(self, keep: int) -> None:
+        """Drop the target's cached keys past the first ``keep`` (drafts it did not keep)."""
+        surplus = self.target_cache.get_seq_length() - keep
+        if surplus > 0:
+            self.target_cache.crop(-surplus)
+
+    def result(self) -> DecodeResult:
+        generated = self.generated
+        last = generated[-1] if generated else None
+        reason = "stop" if last in self.decoder.eos_token_ids else "length"
+        return DecodeResult(self.prompt, generated, self.decoder.decode(generated), self.steps,
+                            reason, self.target_forwards, self.draft_forwards)
+
+
+# ---------------------------------------------------------------------- the step's verdict
+
+
+def _judge(logits: torch.Tensor, attentions, row: list[int], step_len: int, context_len: int,
+           params: SpecGuardParams) -> StepDecision:
+    """Score the row's first ``step_len`` tokens and decide (SPECGUARD.md 2.3-2.5).
+
+    Rollout and LPBV are causal, so the tail after the step changes neither.
+    """
+    step = row[:step_len]
+    l_min = _confidence(logits, step)
+    g_min = _grounding(attentions, step_len, len(row) - step_len, context_len, params)
+    score, accepted = decide_steps(l_min.unsqueeze(0), g_min.unsqueeze(0), tau=params.tau,
+                                   beta=params.beta, lpbv_floor=params.lpbv_floor)
+    return StepDecision(float(l_min), float(g_min), float(score[0]), bool(accepted[0]))
+
+
+def _confidence(logits: torch.Tensor, step: list[int]) -> torch.Tensor:
+    """LPBV's L_min: the target's log-prob of the step's least likely token."""
+    return token_logprobs(logits[: len(step)], torch.tensor(step)).min()
+
+
+def _grounding(attentions, step_len: int, tail: int, context_len: int,
+               params: SpecGuardParams) -> torch.Tensor:
+    """ABGV's G_min: the least grounded step token after rolling out the last m layers."""
+    prefix_masses, blocks = [], []
+    for layer_attn in attentions[-params.grounding_layers:]:
+        rows = layer_attn[0, :, -(step_len + tail):, :]
+        # Step rows d_1..d_n over the context and the step's keys (causal: a step row puts
+        # no mass on the tail after it).
+        probs = rows[:, :step_len, : context_len + step_len].float()
+        mass, block = step_attention_stats(probs, context_len, params.attention_sparsity)
+        prefix_masses.append(mass)
+        blocks.append(block)
+    return rollout_grounding(torch.stack(prefix_masses), torch.stack(blocks)).min()
+
+
+# ---------------------------------------------------------------------- models and sampling
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load a causal LM with eager attention, so attention probabilities are returned."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                 attn_implementation="eager")
     model.eval()
     return model
 
@@ -147,7 +527,8 @@ def token_level_verify(logits: torch.Tensor, drafted: list[int], temperature: fl
         residual[token] = 0.0
         out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=generator)))
         return out
-    out.append(int(_sample(logits[len(drafted):len(drafted) + 1].float(), temperature, generator)[0]))
+    bonus = logits[len(drafted):len(drafted) + 1].float()
+    out.append(int(_sample(bonus, temperature, generator)[0]))
     return out
 
 
@@ -157,339 +538,3 @@ def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-class ReferenceDecoder:
-    """SpecGuard, target-only and draft-only decoding on transformers models."""
-
-    def __init__(self, target, draft, tokenizer, config: SpecGuardConfig, draft_tokenizer=None):
-        check_pair(target, draft, tokenizer, draft_tokenizer)
-        self.target = target
-        self.draft = draft
-        self.tokenizer = tokenizer
-        self.config = config
-        num_layers = target.config.num_hidden_layers
-        if config.specguard.grounding_layers > num_layers:
-            raise ValueError(
-                f"specguard.grounding_layers is {config.specguard.grounding_layers} but the target "
-                f"has only {num_layers} layers"
-            )
-        self.segmenter = StepSegmenter.from_tokenizer(
-            tokenizer, config.specguard.step_delimiters, vocab_size=target.config.vocab_size
-        )
-        self.eos_token_ids = self._eos_ids()
-        self.max_context = min(context_limit(target), context_limit(draft))
-
-    @classmethod
-    def from_paths(cls, target_path, config: SpecGuardConfig, dtype=torch.float32):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(target_path))
-        draft_tokenizer = None
-        if (Path(config.model) / "tokenizer.json").exists() or (
-            Path(config.model) / "tokenizer_config.json"
-        ).exists():
-            draft_tokenizer = AutoTokenizer.from_pretrained(config.model)
-        target = load_causal_lm(target_path, dtype)
-        draft = load_causal_lm(config.model, dtype)
-        return cls(target, draft, tokenizer, config, draft_tokenizer)
-
-    def _eos_ids(self) -> frozenset[int]:
-        ids = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.target.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif isinstance(source, (list, tuple)):
-                ids.update(int(x) for x in source)
-        return frozenset(ids)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    # ------------------------------------------------------------------ model passes
-
-    @torch.inference_mode()
-    def _forward(self, model, input_ids: list[int] | torch.Tensor, cache, attentions: bool = False):
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor([input_ids])
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, output_attentions=attentions)
-        return out
-
-    def _verify(self, cache, last_token: int, row: list[int], context_len: int,
-                params: SpecGuardParams, step_len: int | None = None):
-        """One target forward over ``[last committed, d_1..d_n]``: logits + decision.
-
-        The decision judges the first ``step_len`` drafted tokens (default: all of them);
-        the rest of the row is a tail that only token-level verification looks at.
-        """
-        out = self._forward(self.target, [last_token] + row, cache, attentions=True)
-        logits = out.logits[0].float()  # [n + 1, V]
-        step_len = len(row) if step_len is None else step_len
-        decision = None
-        if step_len > 0:
-            decision = self._decision(logits, out.attentions, row[:step_len], context_len, params,
-                                      tail=len(row) - step_len)
-        return logits, decision
-
-    def _decision(self, logits, attentions, step, context_len, params: SpecGuardParams,
-                  tail: int = 0) -> StepDecision:
-        n = len(step)
-        lp = token_logprobs(logits[:n], torch.tensor(step))
-        l_min = lp.min()
-        m = params.grounding_layers
-        prefix_masses, blocks = [], []
-        for layer_attn in attentions[-m:]:
-            rows = layer_attn[0, :, -(n + tail):, :]
-            # Step rows d_1..d_n over the context and the step's keys (causal: a step row
-            # puts no mass on the tail after it).
-            probs = rows[:, :n, : context_len + n].float()
-            pm, blk = step_attention_stats(probs, context_len, params.attention_sparsity)
-            prefix_masses.append(pm)
-            blocks.append(blk)
-        g = rollout_grounding(torch.stack(prefix_masses), torch.stack(blocks))
-        g_min = g.min()
-        score, accepted = decide_steps(
-            l_min.unsqueeze(0), g_min.unsqueeze(0), tau=params.tau, beta=params.beta,
-            lpbv_floor=params.lpbv_floor,
-        )
-        return StepDecision(float(l_min), float(g_min), float(score[0]), bool(accepted[0]))
-
-    @torch.inference_mode()
-    def score_step(self, context_ids: Sequence[int], step_ids: Sequence[int],
-                   params: SpecGuardParams | None = None) -> StepDecision:
-        """Verify one given step after a given context, from scratch (no cache).
-
-        The differential tests use this to re-score every step the vLLM engine took.
-        """
-        params = params or self.config.specguard
-        context, step = list(context_ids), list(step_ids)
-        if not context or not step:
-            raise ValueError("score_step needs a non-empty context and step")
-        out = self._forward(self.target, context + step, None, attentions=True)
-        logits = out.logits[0, len(context) - 1:].float()
-        return self._decision(logits, out.attentions, step, len(context), params)
-
-    def _draft_candidates(self, draft_cache, pending: list[int], step_prefix: list[int], k: int,
-                          temperature: float, max_len: int, generator: torch.Generator,
-                          full_rows: bool = False):
-        """k candidate steps from one batched draft pass per token.
-
-        ``pending`` are committed tokens the draft cache has not seen yet (at least
-        the last one). With ``full_rows`` every candidate runs on past its step's end
-        to ``max_len`` tokens (or an EOS), as the engine drafts for ``fallback:
-        speculative``. Returns (candidates, step lengths, step log-likelihoods, draft
-        forwards used).
-        """
-        out = self._forward(self.draft, pending, draft_cache)
-        forwards = 1
-        logits = out.logits[0, -1:].float().expand(k, -1)
-        cache = copy.deepcopy(draft_cache)
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-        candidates: list[list[int]] = [[] for _ in range(k)]
-        step_lens: list[int | None] = [None] * k
-        loglik = [0.0] * k
-        done = [False] * k
-        for position in range(max_len):
-            tokens = _sample(logits, temperature, generator)
-            logprobs = torch.log_softmax(logits, dim=-1)
-            for c in range(k):
-                if done[c]:
-                    continue
-                token = int(tokens[c])
-                candidates[c].append(token)
-                if step_lens[c] is None:
-                    loglik[c] += float(logprobs[c, token])
-                    if self.segmenter.step_length(candidates[c], prefix=step_prefix) is not None:
-                        step_lens[c] = len(candidates[c])
-                if token in self.eos_token_ids or (step_lens[c] is not None and not full_rows):
-                    done[c] = True
-            if all(done) or position == max_len - 1:
-                break
-            out = self._forward(self.draft, tokens.view(k, 1), cache)
-            forwards += 1
-            logits = out.logits[:, -1].float()
-        lengths = [len(cand) if n is None else n for cand, n in zip(candidates, step_lens)]
-        return candidates, lengths, loglik, forwards
-
-    # ------------------------------------------------------------------ the loop
-
-    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        if len(prompt_ids) == 0:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_context:
-            raise ValueError(
-                f"prompt has {len(prompt_ids)} tokens but the models' context is "
-                f"{self.max_context} tokens (target {context_limit(self.target)}, "
-                f"draft {context_limit(self.draft)})"
-            )
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        *,
-        mode: Mode = "specguard",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        seed: int = 0,
-        params: SpecGuardParams | None = None,
-    ) -> DecodeResult:
-        """Decode one prompt; ``temperature`` is the target's sampling temperature."""
-        from transformers import DynamicCache
-
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        params = params or self.config.specguard
-        prompt = list(prompt_ids)
-        self.check_prompt(prompt)
-        target_gen = torch.Generator().manual_seed(seed)
-        draft_gen = torch.Generator().manual_seed(params.seed if params.seed is not None else seed)
-
-        committed = list(prompt)
-        generated: list[int] = []
-        steps: list[StepRecord] = []
-        step_tokens: list[int] = []  # committed tokens of the open step
-        step_origins: list[str] = []  # their origins (ORIGINS)
-        pending_decision: StepDecision | None = None
-        pending_draft: list[int] = []
-        pending_context_len: int | None = None
-        regenerating = False
-        token_level = False  # finishing a rejected step with token-level SD (fallback: speculative)
-        full_rows = params.fallback == "speculative"  # draft past the step, verify the tail
-        counters = {"target": 0, "draft": 0}
-
-        target_cache = DynamicCache()
-        draft_cache = DynamicCache()
-        draft_seen = 0  # committed tokens already in the draft cache
-        if len(prompt) > 1 and mode != "draft":
-            self._forward(self.target, prompt[:-1], target_cache)
-
-        def close_step(source: str) -> None:
-            nonlocal step_tokens, step_origins, pending_decision, pending_draft, pending_context_len
-            if step_tokens:
-                steps.append(StepRecord(list(step_tokens), self.decode(step_tokens), source,
-                                        pending_decision, list(pending_draft), pending_context_len,
-                                        list(step_origins)))
-            step_tokens, step_origins, pending_decision, pending_draft = [], [], None, []
-            pending_context_len = None
-
-        def commit(tokens: list[int], origin: str = "target") -> bool:
-            """Append tokens (up to max_tokens / EOS / context); True when generation ends."""
-            for token in tokens:
-                committed.append(token)
-                generated.append(token)
-                step_tokens.append(token)
-                step_origins.append(origin)
-                if token in self.eos_token_ids or len(generated) >= max_tokens \
-                        or len(committed) >= self.max_context:
-                    return True
-            return False
-
-        def commit_verified(kept: list[int], draft_origin: str) -> bool:
-            """Commit what token-level verification kept (drafts, then the target's token),
-            closing a step at every delimiter; True when generation ends."""
-            nonlocal token_level
-            for j, token in enumerate(kept):
-                finished = commit([token], draft_origin if j < len(kept) - 1 else "target")
-                if self.segmenter.step_length([token], prefix=step_tokens[:-1]) is not None:
-                    close_step("target")
-                    token_level = False
-                if finished:
-                    return True
-            return False
-
-        def target_step(source: str) -> bool:
-            """Target (or draft, in draft mode) writes one token; closes the step at a delimiter."""
-            nonlocal draft_seen
-            if source == "draft":
-                out = self._forward(self.draft, committed[draft_seen:], draft_cache)
-                draft_seen = len(committed)
-                counters["draft"] += 1
-            else:
-                out = self._forward(self.target, [committed[-1]], target_cache)
-                counters["target"] += 1
-            token = int(_sample(out.logits[0, -1:].float(), temperature, target_gen)[0])
-            finished = commit([token], "target")
-            if self.segmenter.step_length(step_tokens[-1:], prefix=step_tokens[:-1]) is not None:
-                close_step(source)
-                return finished or False
-            return finished
-
-        def crop_target(keep: int) -> None:
-            surplus = target_cache.get_seq_length() - keep
-            if surplus > 0:
-                target_cache.crop(-surplus)
-
-        # As in vLLM, the prefill pass of the target emits the first token itself;
-        # drafting starts after it. (In draft mode the draft does the prefill.)
-        finished = target_step("draft" if mode == "draft" else "target")
-        while not finished:
-            if mode == "target" or (mode == "specguard" and regenerating):
-                finished = target_step("target")
-                if not step_tokens:
-                    regenerating = False
-                continue
-            if mode == "draft":
-                finished = target_step("draft")
-                continue
-
-            room = self.max_context - len(committed) - 1
-            max_len = min(self.config.num_speculative_tokens, room)
-            if max_len < 1:
-                finished = target_step("target")
-                continue
-            candidates, step_lens, loglik, draft_forwards = self._draft_candidates(
-                draft_cache, committed[draft_seen:], step_tokens, params.num_candidates,
-                params.draft_temperature, max_len, draft_gen, full_rows=full_rows,
-            )
-            draft_seen = len(committed)
-            counters["draft"] += draft_forwards
-            best = select_candidate([c[:n] for c, n in zip(candidates, step_lens)], loglik,
-                                    params.selector)
-            row, step_len = candidates[best], step_lens[best]
-
-            context_len = len(committed)
-            logits, decision = self._verify(target_cache, committed[-1], row, context_len, params,
-                                            step_len=0 if token_level else step_len)
-            counters["target"] += 1
-            if token_level:
-                # Finishing a rejected step: the whole row is verified token-level.
-                kept = token_level_verify(logits, row, temperature, target_gen)
-                crop_target(context_len + len(kept) - 1)
-                finished = commit_verified(kept, "sd")
-                continue
-            pending_decision, pending_draft = decision, list(row[:step_len])
-            pending_context_len = context_len
-            if not decision.accepted and params.fallback == "speculative":
-                # Keep what token-level verification accepts, plus its recovered/bonus token;
-                # finish the step token-level.
-                kept = token_level_verify(logits, row, temperature, target_gen)
-                crop_target(context_len + len(kept) - 1)
-                token_level = True
-                finished = commit_verified(kept, "prefix")
-                continue
-            if decision.accepted:
-                finished = commit(row[:step_len], "step")
-                close_step("draft")
-                if finished:
-                    break
-                # The tail (empty without full rows) is verified token-level after the step.
-                kept = token_level_verify(logits[step_len:], row[step_len:], temperature, target_gen)
-                crop_target(context_len + step_len + len(kept) - 1)
-                finished = commit_verified(kept, "sd")
-            else:
-                crop_target(context_len)  # drop the rejected step's keys
-                first = int(_sample(logits[:1], temperature, target_gen)[0])
-                finished = commit([first], "target")
-                if self.segmenter.step_length(step_tokens[-1:], prefix=step_tokens[:-1]) is not None:
-                    close_step("target")
-                else:
-                    regenerating = True
-        close_step("target" if mode != "draft" else "draft")
-
-        last = generated[-1] if generated else None
-        reason = "stop" if last in self.eos_token_ids else "length"
-        return DecodeResult(prompt, generated, self.decode(generated), steps, reason,
-                            counters["target"], counters["draft"])

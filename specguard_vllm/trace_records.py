@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from specguard_vllm.core.decision import StepDecision
 from specguard_vllm.core.steps import StepSegmenter
+from specguard_vllm.reference import origin_counts
 
 
 def request_key(req_id) -> str:
@@ -59,41 +60,14 @@ def step_records(
     ``lpbv``, ``abgv``, ``score``, ``accepted``. ``tokens`` counts each record's tokens
     by origin, as the reference decoder does.
     """
-    from specguard_vllm.reference import origin_counts
-
     by_context = {int(d["context_len"]): d for d in decisions}
-    records: list[dict] = []
-    open_tokens: list[int] = []
-    open_origins: list[str] = []
-    pending: dict | None = None
-
-    def close(source: str, decision: dict | None) -> None:
-        nonlocal open_tokens, open_origins
-        if open_tokens:
-            records.append({
-                "text": decode(open_tokens), "source": source,
-                "lpbv": None if decision is None else decision["lpbv"],
-                "abgv": None if decision is None else decision["abgv"],
-                "score": None if decision is None else decision["score"],
-                "accepted": None if decision is None else decision["accepted"],
-                "tokens": origin_counts(open_origins),
-            })
-        open_tokens, open_origins = [], []
-
-    def push(token: int, origin: str) -> None:
-        nonlocal pending
-        open_tokens.append(token)
-        open_origins.append(origin)
-        if segmenter.step_length([token], prefix=open_tokens[:-1]) is not None:
-            close(default_source, pending)
-            pending = None
-
+    records = _Records(segmenter, decode, default_source)
     tokens = list(generated)
     j = 0
     while j < len(tokens):
         entry = by_context.get(prompt_len + j)
-        if entry is None:
-            push(tokens[j], "target")
+        if entry is None:  # a token the target wrote on its own pass
+            records.push(tokens[j], "target")
             j += 1
             continue
         kind = entry.get("kind", "step")
@@ -101,23 +75,59 @@ def step_records(
         drafted_origin = "sd" if kind == "token" else "prefix"
         if kind == "step" and entry["accepted"]:
             n = min(int(entry.get("step_len") or len(entry["drafted"])), len(tokens) - j)
-            open_tokens.extend(tokens[j: j + n])
-            open_origins.extend(["step"] * n)
-            close("draft", entry)
+            records.push_step(tokens[j: j + n], entry)
             j += n
             rest = 1 if committed is None else int(committed) - n  # tail drafts + last token
             drafted_origin = "sd"
         else:
             if kind == "step":
-                pending = entry
+                records.pending = entry
             rest = 1 if committed is None else int(committed)
         for r in range(rest):
             if j >= len(tokens):
                 break
-            push(tokens[j], drafted_origin if r < rest - 1 else "target")
+            records.push(tokens[j], drafted_origin if r < rest - 1 else "target")
             j += 1
-    close(default_source, pending)
-    return records
+    records.close(default_source, records.pending)
+    return records.records
+
+
+class _Records:
+    """The records so far and the open one, closed at every step end as the reference closes
+    them; ``pending`` is the judged-and-rejected step the open record will carry."""
+
+    def __init__(self, segmenter: StepSegmenter, decode: Callable[[Sequence[int]], str],
+                 default_source: str):
+        self.segmenter, self.decode, self.default_source = segmenter, decode, default_source
+        self.records: list[dict] = []
+        self.tokens: list[int] = []
+        self.origins: list[str] = []
+        self.pending: dict | None = None
+
+    def push(self, token: int, origin: str) -> None:
+        self.tokens.append(token)
+        self.origins.append(origin)
+        if self.segmenter.step_length([token], prefix=self.tokens[:-1]) is not None:
+            self.close(self.default_source, self.pending)
+            self.pending = None
+
+    def push_step(self, step: list[int], entry: dict) -> None:
+        """An accepted step: its drafts close the open record, judged by ``entry``."""
+        self.tokens.extend(step)
+        self.origins.extend(["step"] * len(step))
+        self.close("draft", entry)
+
+    def close(self, source: str, decision: dict | None) -> None:
+        if self.tokens:
+            self.records.append({
+                "text": self.decode(self.tokens), "source": source,
+                "lpbv": None if decision is None else decision["lpbv"],
+                "abgv": None if decision is None else decision["abgv"],
+                "score": None if decision is None else decision["score"],
+                "accepted": None if decision is None else decision["accepted"],
+                "tokens": origin_counts(self.origins),
+            })
+        self.tokens, self.origins = [], []
 
 
 def decision_from_record(record: dict) -> StepDecision | None:

@@ -143,7 +143,7 @@ def test_trace_cli_json_has_engine_neutral_format(tiny_pair, tiny_config_path, m
         [sys.executable, "-m", "specguard_vllm.cli", "trace", "--target", str(tiny_pair["target"]),
          "--config", str(tiny_config_path), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
          "--mode", mode, "--max-tokens", "24", "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        check=False, capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
@@ -162,10 +162,10 @@ def test_trace_cli_refuses_bad_override_and_missing_target(tiny_pair, tiny_confi
     base = [sys.executable, "-m", "specguard_vllm.cli", "trace", "--config", str(tiny_config_path),
             "--prompt", "a"]
     bad_tau = subprocess.run(base + ["--target", str(tiny_pair["target"]), "--tau", "-1"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+                             check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad_tau.returncode == 2 and "--tau" in bad_tau.stderr and "Traceback" not in bad_tau.stderr
     missing = subprocess.run(base + ["--target", "/nonexistent/model"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+                             check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert missing.returncode == 2 and "/nonexistent/model" in missing.stderr
 
 
