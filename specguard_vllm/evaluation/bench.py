@@ -29,7 +29,7 @@ from specguard_vllm.evaluation.bench_metrics import (
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
-SERVED = ("target", "sd", "specguard")  # and the other fallback: through `vllm serve` too
+SERVED = ("target", "sd", "specguard")  # and the other fallback and calibrated configs
 
 
 def _calibrated_name(path: str) -> str:
@@ -277,7 +277,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if urls:  # everything a given server can serve
         served = [c for c in configs if c.engine in urls]
     else:
-        served = [c for c in configs if c.name in SERVED or c.group == "fallback"] \
+        served = [c for c in configs if c.name in SERVED or c.group in ("fallback", "calibrated")] \
             if use_servers else []
     offline = [] if args.skip_offline else configs
     total = len(items) * (len(offline) + len(served) * len(concurrencies))
@@ -327,7 +327,8 @@ def add_bench_command(subparsers) -> None:
                        "named after the file (specguard.calibrated.yaml -> calibrated), its "
                        "tau/beta/fallback as per-request overrides")
     bench.add_argument("--server", action="store_true",
-                       help="also run target, sd and specguard through real `vllm serve` + OpenAI client")
+                       help="also run target, sd, specguard (both fallbacks) and --calibrated "
+                       "configs through real `vllm serve` + OpenAI client")
     bench.add_argument("--concurrency", type=int, default=8, help="the N of the server runs")
     bench.add_argument("--server-url", help="a running SpecGuard `vllm serve` (same config): run "
                        "the configurations it can serve through vllm_xargs against it")

@@ -323,6 +323,33 @@ def fit(records: Sequence[StepSignal], target_correct: Mapping[str, bool], *, go
     return FitResult(goal, constraint, best, best_grid, base_acc, n_steps, n_problems, per_beta)
 
 
+def frontier(records: Sequence[StepSignal], target_correct: Mapping[str, bool], *,
+             lpbv_floor: float, betas: Sequence[float] = BETA_GRID) -> list[OperatingPoint]:
+    """The predicted accuracy-vs-acceptance frontier over the whole (tau, beta) grid.
+
+    Ascending in acceptance; each point has the highest predicted accuracy of any grid
+    point accepting at least as many steps (so the list is the upper-right hull's steps:
+    what one can get, at best, for a given share of accepted steps).
+    """
+    _check_inputs(records, target_correct)
+    points = []
+    for beta in betas:
+        grid = _Grid(records, target_correct, beta, lpbv_floor)
+        taus = _tau_candidates(grid.scores)
+        correct, accepted = grid.counts(taus)
+        points += [(int(a), int(c), float(t), float(beta))
+                   for t, c, a in zip(taus, correct, accepted)]
+    # most accepted first; among equal acceptance the most correct, nearest the paper pair
+    points.sort(key=lambda p: (-p[0], -p[1], abs(p[2] - PAPER_TAU) + abs(p[3] - PAPER_BETA)))
+    best_correct, hull = -1, []
+    for accepted, correct, tau, beta in points:
+        if correct > best_correct:
+            best_correct = correct
+            hull.append(OperatingPoint(tau, beta, correct / len(target_correct),
+                                       accepted / len(records), correct, accepted))
+    return hull[::-1]
+
+
 # --------------------------------------------------------------------------- config
 def _quoting_safe_dumper():
     import yaml

@@ -1,12 +1,14 @@
 """Evaluation datasets: load items, build prompts, extract and grade final answers.
 
-Three datasets share one interface (`EvalItem`, `load_items`, `prompt_ids`,
-`is_correct`) so `specguard bench` can treat them alike:
+Four datasets share one interface (`EvalItem`, `load_items`, `prompt_ids`,
+`final_answer`, `is_correct`) so `specguard bench` and `specguard calibrate` treat them alike:
 
 * ``tiny``: the tiny pair's own generated task (`specguard_vllm.tasks`), prompted and
   graded exactly as training and `evaluate.py` do.
 * ``gsm8k``: the GSM8K test split bundled under ``data/gsm8k/`` (gold after ``####``).
 * ``math``: MATH-style JSONL supplied by the user (gold in the last ``\\boxed{}``).
+* ``jsonl``: any JSONL with a prompt field and (optionally) a gold-answer field; the final
+  answer of a completion is the last match of a user-given regex (`JsonlFormat`).
 
 Data is read relative to the repository (``<repo>/data``), which is why the package
 is meant to be installed editable; ``SPECGUARD_DATA_DIR`` points elsewhere.
@@ -27,7 +29,7 @@ from specguard_vllm.tasks.grading import split_solution
 from specguard_vllm.tasks.problems import SPLITS
 from specguard_vllm.training.tokenizer import prompt_text
 
-DATASETS = ("tiny", "gsm8k", "math")
+DATASETS = ("tiny", "gsm8k", "math", "jsonl")
 
 INSTRUCTIONS = {
     "gsm8k": (
@@ -46,8 +48,35 @@ class EvalItem:
     id: str  # stable id, e.g. "tiny-test-17", "gsm8k-test-42"
     dataset: str  # one of DATASETS
     question: str
-    answer: str  # gold final answer, already `normalise_answer`ed
+    answer: str | None  # gold final answer, already `normalise_answer`ed; None: no gold
     problem: object | None = None  # the `specguard_vllm.tasks.Problem` for "tiny", else None
+    answer_regex: str | None = None  # "jsonl": extracts a completion's final answer
+
+
+@dataclass(frozen=True)
+class JsonlFormat:
+    """Where a user's JSONL keeps its prompt and gold answer, and how answers are written.
+
+    ``answer_field`` None: no gold (only agreement with the target can be judged).
+    ``answer_regex``: the final answer of a completion is its last match (group 1 if the
+    pattern has a group, else the whole match); it is applied to the gold field too when
+    it matches there, so a field holding a worked solution works as well as a bare answer.
+    """
+
+    prompt_field: str
+    answer_field: str | None
+    answer_regex: str
+
+    def compiled(self) -> re.Pattern:
+        try:
+            pattern = re.compile(self.answer_regex)
+        except re.error as error:
+            raise ValueError(f"--answer-regex {self.answer_regex!r} is not a regular "
+                             f"expression: {error}") from None
+        if pattern.groups > 1:
+            raise ValueError(f"--answer-regex {self.answer_regex!r} has {pattern.groups} "
+                             "groups; use at most one (the answer)")
+        return pattern
 
 
 def data_dir() -> Path:
@@ -93,13 +122,14 @@ def _math_gold(rec: dict, where: str) -> str:
 
 def load_items(
     name: str, n: int | None = None, *, split: str = "test", seed: int = 0,
-    path: str | None = None,
+    path: str | None = None, jsonl: JsonlFormat | None = None,
 ) -> list[EvalItem]:
     """The first `n` items (all if None) of a dataset, in a deterministic order.
 
     ``tiny`` is generated (`seed` picks the stream, `n` is required); ``gsm8k`` and
     ``math`` are read in file order from `path`, or for gsm8k from the bundled test
-    split (the only one shipped). `split` only labels ids when `path` is given.
+    split (the only one shipped); ``jsonl`` from `path` as `jsonl` says. `split` only
+    labels ids when `path` is given.
     """
     _check_dataset(name)
     if n is not None and n < 0:
@@ -121,6 +151,18 @@ def load_items(
         return [EvalItem(f"gsm8k-{split}-{i}", "gsm8k", r["question"],
                          normalise_answer(r["answer"].rsplit("####", 1)[-1]))
                 for i, r in enumerate(recs)]
+    if name == "jsonl":
+        if path is None or jsonl is None:
+            raise ValueError("the jsonl dataset needs a file (--data-path) and its "
+                             "--prompt-field / --answer-field / --answer-regex")
+        pattern = jsonl.compiled()
+        fields = tuple(f for f in (jsonl.prompt_field, jsonl.answer_field) if f)
+        recs = _read_jsonl(Path(path), fields)[:n]
+        return [EvalItem(f"jsonl-{split}-{i}", "jsonl", str(r[jsonl.prompt_field]),
+                         None if jsonl.answer_field is None
+                         else _gold_by_regex(str(r[jsonl.answer_field]), pattern),
+                         answer_regex=jsonl.answer_regex)
+                for i, r in enumerate(recs)]
     if path is None:
         raise ValueError("MATH data is not bundled: pass path= to a JSONL with `problem` "
                          "and `solution` (MATH) or `problem` and `answer` (MATH500) fields")
@@ -131,12 +173,28 @@ def load_items(
             for i, r in enumerate(recs)]
 
 
+def _last_match(text: str, pattern: re.Pattern) -> str | None:
+    matches = list(pattern.finditer(text))
+    if not matches:
+        return None
+    return matches[-1].group(1 if pattern.groups else 0)
+
+
+def _gold_by_regex(text: str, pattern: re.Pattern) -> str:
+    found = _last_match(text, pattern)
+    return normalise_answer(found if found is not None else text)
+
+
 def prompt_ids(item: EvalItem, tokenizer) -> list[int]:
-    """Prompt token ids: tiny exactly as training saw it, others via the chat template."""
+    """Prompt token ids: tiny exactly as training saw it, others via the chat template when
+    the tokenizer has one (plain text otherwise)."""
     if item.dataset == "tiny":
         return list(tokenizer(prompt_text(item.question), add_special_tokens=False)["input_ids"])
     _check_dataset(item.dataset)
-    messages = [{"role": "user", "content": INSTRUCTIONS[item.dataset] + item.question}]
+    content = INSTRUCTIONS.get(item.dataset, "") + item.question
+    if not getattr(tokenizer, "chat_template", None):
+        return [int(t) for t in tokenizer(content)["input_ids"]]
+    messages = [{"role": "user", "content": content}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # transformers 5: BatchEncoding
         ids = ids["input_ids"]
@@ -173,14 +231,19 @@ def _last_boxed(text: str) -> str | None:
     return None  # unbalanced, e.g. a truncated generation
 
 
-def extract_answer(dataset: str, text: str) -> str | None:
+def extract_answer(dataset: str, text: str, answer_regex: str | None = None) -> str | None:
     """The final answer as written in a completion (not normalised), or None.
 
     tiny: N of a final ``Answer: N`` line, as `grade_solution` reads it. gsm8k: the
     number after the last ``####``, else after the last ``Answer:``/"The answer is",
     else the last number. math: the content of the last ``\\boxed{}``/``\\fbox{}``.
+    jsonl: the last match of ``answer_regex`` (its group if it has one).
     """
     _check_dataset(dataset)
+    if dataset == "jsonl":
+        if answer_regex is None:
+            raise ValueError("the jsonl dataset needs an answer regex")
+        return _last_match(text, re.compile(answer_regex))
     if dataset == "tiny":
         last = split_solution(text)[1]
         answer = parse_answer_line(last) if last is not None else None
@@ -233,9 +296,19 @@ def normalise_answer(text: str) -> str:
     return text
 
 
+def final_answer(item: EvalItem, completion: str) -> str | None:
+    """The completion's final answer, normalised (None: it wrote none)."""
+    answer = extract_answer(item.dataset, completion, item.answer_regex)
+    return None if answer is None else normalise_answer(answer)
+
+
+def has_gold(item: EvalItem) -> bool:
+    return item.answer is not None
+
+
 def is_correct(item: EvalItem, completion: str) -> bool:
     """Whether the completion's final answer equals the gold one (tiny: `grade_solution`)."""
     if item.dataset == "tiny" and item.problem is not None:
         return grade_solution(item.problem, completion).correct  # type: ignore[arg-type]
-    answer = extract_answer(item.dataset, completion)
-    return answer is not None and normalise_answer(answer) == item.answer
+    answer = final_answer(item, completion)
+    return answer is not None and item.answer is not None and answer == item.answer
