@@ -215,7 +215,7 @@ def test_every_patch_is_applied_once_to_its_vllm_class():
 
     from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
 
-    for patch in (patches.EngineArgsPatch, patches.SamplingParamsPatch, patches.GPUModelRunnerPatch,
+    for patch in (patches.EngineArgsPatch, patches.InputProcessorPatch, patches.GPUModelRunnerPatch,
                   patches.CPUAttentionPatch, patches.WorkerBasePatch):
         assert vars(patch.target_class())["_specguard_patches"] == (patch.__name__,)
     assert gpu_model_runner.DraftModelProposer is SpecGuardDraftProposer
@@ -224,17 +224,28 @@ def test_every_patch_is_applied_once_to_its_vllm_class():
     assert action.help.count("SpecGuard: also a path") == 1
 
 
-def test_request_override_validation_in_sampling_params():
+def test_request_overrides_are_validated_by_specguard_engines_only():
+    from types import SimpleNamespace
+
     from specguard_vllm.plugin.patches import apply_all_patches
 
     apply_all_patches()
     from vllm import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
 
-    SamplingParams(extra_args={"tau": 0.9, "beta": 0.1, "other_plugin_key": "x"})
+    def processor(additional_config):
+        return SimpleNamespace(_orig__validate_params=lambda params, *a, **k: None,
+                               vllm_config=SimpleNamespace(additional_config=additional_config))
+
+    specguard, plain = processor({"specguard": {}}), processor(None)
+    validate = InputProcessor._validate_params
+    validate(specguard, SamplingParams(extra_args={"tau": 0.9, "beta": 0.1, "other_plugin_key": "x"}))
     with pytest.raises(ValueError, match=r"vllm_xargs\.tau"):
-        SamplingParams(extra_args={"tau": -0.5})
+        validate(specguard, SamplingParams(extra_args={"tau": -0.5}))
     with pytest.raises(ValueError, match=r"vllm_xargs\.beta"):
-        SamplingParams(extra_args={"specguard_beta": 7})
+        validate(specguard, SamplingParams(extra_args={"specguard_beta": 7}))
+    # Another plugin's "tau" means something else: an engine without SpecGuard never reads it.
+    validate(plain, SamplingParams(extra_args={"tau": "nucleus", "fallback": 3}))
 
 
 VOCAB = ["a", "b", "\n", "</s>"]

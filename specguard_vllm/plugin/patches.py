@@ -8,6 +8,11 @@ this order, once per process. Each patch is a :class:`VllmPatch` (see
 as ``_orig_<name>``. Every patch does nothing for an engine whose speculative
 config does not ask for SpecGuard.
 
+On any other vLLM release none of these is applied: ``register()`` logs one line
+and applies only P0 (:class:`~specguard_vllm.plugin.version.UnsupportedReleaseGuard`,
+in ``version.py`` because it must import nothing release-specific): ``EngineArgs``
+refuses ``method: specguard`` at start naming the installed and supported releases.
+
 Front end (API server / ``LLM`` process):
   P1 ``EngineArgs.add_cli_args``: ``--speculative-config`` also takes a path to a
      YAML/JSON file (vLLM parses it with ``json.loads`` only), and a SpecGuard
@@ -16,9 +21,10 @@ Front end (API server / ``LLM`` process):
      ``draft_model`` method plus ``additional_config["specguard"]``; on CUDA it also
      forces the settings SpecGuard needs (sync scheduling, V1 runner, PIECEWISE
      CUDA graphs), logging each.
-  P3 ``SamplingParams._verify_args``: per-request ``vllm_xargs`` overrides of
-     ``tau`` / ``beta`` / ``fallback`` are validated, so a bad value is an HTTP 400
-     naming it.
+  P3 ``InputProcessor._validate_params``: per-request ``vllm_xargs`` overrides of
+     ``tau`` / ``beta`` / ``fallback`` are validated on engines that run SpecGuard (the
+     input processor knows its engine's config), so a bad value is an HTTP 400 naming
+     it; other engines' xargs are never read.
 Worker (model runner):
   P4 ``gpu_model_runner.DraftModelProposer`` (a module-level name, not a class patch):
      replaced by :class:`SpecGuardDraftProposer`, a subclass (k candidates in one
@@ -115,24 +121,28 @@ class EngineArgsPatch(VllmPatch):
         return self._orig_create_speculative_config(target_model_config, target_parallel_config)
 
 
-class SamplingParamsPatch(VllmPatch):
-    target = "vllm.sampling_params:SamplingParams"
+class InputProcessorPatch(VllmPatch):
+    target = "vllm.v1.engine.input_processor:InputProcessor"
 
-    def _verify_args(self):
-        """P3: validate SpecGuard's per-request ``vllm_xargs`` overrides.
+    def _validate_params(self, params, *args, **kwargs):
+        """P3: validate SpecGuard's per-request ``vllm_xargs`` overrides, on SpecGuard engines only.
 
-        So a bad ``tau`` / ``beta`` / ``fallback`` is an HTTP 400 naming it, not a
-        failure inside the worker. Written for vLLM 0.32.
+        So a bad ``tau`` / ``beta`` / ``fallback`` is an HTTP 400 naming it, not a failure
+        inside the worker; an engine without SpecGuard (and other plugins' xargs) never
+        sees this check. Written for vLLM 0.32 (``InputProcessor`` knows its engine's config).
         """
         from specguard_vllm.config import ConfigError, SpecGuardParams, apply_request_overrides
+        from specguard_vllm.plugin.config_bridge import ADDITIONAL_CONFIG_KEY
 
-        self._orig__verify_args()
-        if self.extra_args:
+        result = self._orig__validate_params(params, *args, **kwargs)
+        extra = getattr(params, "extra_args", None)
+        if extra and ADDITIONAL_CONFIG_KEY in (self.vllm_config.additional_config or {}):
             try:
-                apply_request_overrides(SpecGuardParams(), self.extra_args)
+                apply_request_overrides(SpecGuardParams(), extra)
             except ConfigError as error:
                 problems = "; ".join(f"vllm_xargs.{path}: {msg}" for path, msg in error.problems)
                 raise ValueError(f"invalid SpecGuard request override: {problems}") from None
+        return result
 
 
 # ------------------------------------------------------------------ worker
@@ -288,7 +298,7 @@ def apply_all_patches() -> None:
 
     check_vllm_version()
     EngineArgsPatch.apply()  # P1, P2
-    SamplingParamsPatch.apply()  # P3
+    InputProcessorPatch.apply()  # P3
     use_specguard_draft_proposer()  # P4
     GPUModelRunnerPatch.apply()  # P5-P10
     CPUAttentionPatch.apply()  # P11
