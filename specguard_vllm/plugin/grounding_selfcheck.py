@@ -54,7 +54,7 @@ def check_cache_layout(k_view: torch.Tensor, key: torch.Tensor | None, attn_meta
 
 
 def kernel_difference(result: tuple[torch.Tensor, torch.Tensor],
-                  reference: tuple[torch.Tensor, torch.Tensor], rows: int, step: int) -> float:
+                      reference: tuple[torch.Tensor, torch.Tensor], rows: int, step: int) -> float:
     """Largest difference between the kernel's and the reference's statistics."""
     (pm, blk), (pr, br) = result, reference
     if rows == 0:

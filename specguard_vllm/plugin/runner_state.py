@@ -63,8 +63,9 @@ class SpecGuardRunnerState:
                                    if isinstance(model_config.served_model_name, str)
                                    else str(model_config.model))
         if not isinstance(runner.drafter, SpecGuardDraftProposer):
-            raise RuntimeError(  # noqa: TRY004 - a plugin set-up problem, not a caller's type"SpecGuard: the draft proposer was not replaced; is the plugin "
-                               "registered before the model runner is built?")
+            raise RuntimeError(  # noqa: TRY004 - a plugin set-up problem, not a caller's type
+                "SpecGuard: the draft proposer was not replaced; is the plugin "
+                "registered before the model runner is built?")
         runner.drafter.metrics = self.metrics
         runner.drafter.segmenter = self.segmenter
         runner.rejection_sampler = SpecGuardRejectionSampler(

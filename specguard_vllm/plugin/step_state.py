@@ -1,12 +1,16 @@
-"""Per-request step bookkeeping in the worker: what each request drafts next.
+"""Per-request step bookkeeping in the worker, and the named values it exchanges.
 
 After a rejected step the target writes the rest of that step itself, so the
-request gets no drafts until the target has produced a step delimiter. With
-``fallback: speculative`` a request's draft runs past the step's end (as token-level
-SD's does) and the part after the step, the *tail*, is verified token by token.
-This table is the only SpecGuard state that outlives one engine step; it is keyed by
-request id and dropped when vLLM removes the request (finished, aborted, or a
-client that disconnected).
+request gets no drafts until the target has produced a step delimiter
+(:attr:`StepMode.REGENERATING`). With ``fallback: speculative`` a request's draft runs
+past the step's end (as token-level SD's does) and the part after the step, the
+*tail*, is verified token by token; after a rejected step the request is verified
+token-level until the step ends (:attr:`StepMode.TOKEN_LEVEL`).
+
+The table is, with the :class:`DraftStepLengths` hand-off, the only SpecGuard state
+that outlives one engine step; both are keyed by request id and dropped when vLLM
+removes the request (finished, aborted, or a client that disconnected). The verifier
+reports each row as a :class:`RowVerdict`; the proposer reads a :class:`DraftRowHint`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class RowVerdict:
+    """One row's verdict, with what the step table needs to split its committed tokens."""
+
     verdict: Verdict
     step_len: int | None = None  # ACCEPTED: how many of the committed tokens are the step
 
@@ -60,6 +66,7 @@ class StepVerdicts:
 
 
 def row_verdict(decision: StepDecision | None, token_level: bool, step_len: int) -> RowVerdict:
+    """The verdict of a row: verified token-level, not judged (no step), or judged."""
     if token_level:
         return RowVerdict(Verdict.TOKEN_LEVEL)
     if decision is None:
