@@ -20,11 +20,11 @@ import torch
 
 from .kv_layout import k_cache_view
 from .min_logprob_ref import step_min_logprob_ref
-from .step_grounding_ref import step_grounding_stats_ref
+from .step_grounding_ref import step_grounding_stats_ref, step_head_share_rows_ref
 from .workspace import GroundingWorkspace
 
 __all__ = ["GroundingWorkspace", "disable_triton", "k_cache_view", "step_grounding_stats",
-           "step_min_logprob", "use_triton"]
+           "step_head_share_rows", "step_min_logprob", "use_triton"]
 
 F = TypeVar("F", bound=Callable)
 
@@ -67,6 +67,11 @@ def triton_on_cuda(reference: F, module: str, launch: str) -> F:
 # the call is captured in a CUDA graph; its ``prefix_mass`` / ``block`` are returned.
 step_grounding_stats = triton_on_cuda(step_grounding_stats_ref, ".step_grounding",
                                       "step_grounding_stats_triton")
+
+# Tensor parallelism: this rank's heads' share of each step row's head average, unthresholded
+# (the verifier sums the shares over the TP group, then thresholds). PyTorch on every device:
+# the Triton kernel fuses the threshold into its second pass, which needs all heads (TP=1).
+step_head_share_rows = step_head_share_rows_ref
 
 # ``(token_logprobs [T], min_logprob [B])``: log p(draft token) and each step's minimum.
 # ``max_step_len`` sizes the kernel's grid; ``counters`` (int32 zeros, one per step) is its

@@ -3,7 +3,9 @@
 Reads each request's keys out of the paged cache, forms the step rows' causal
 attention probabilities averaged over heads, and hands them to the core's
 ``step_attention_stats``, so the kernel is tested against the very definition
-the rollout uses.
+the rollout uses. Under tensor parallelism each rank only holds some heads, so it
+writes its heads' share of the average instead (``step_head_share_rows_ref``) and the
+verifier thresholds the TP group's sum.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ def _paged_scores(q: torch.Tensor, k_view: torch.Tensor, block_row: torch.Tensor
 
 
 def step_head_average(step_query: torch.Tensor, k_view: torch.Tensor, block_row: torch.Tensor,
-                      seq_len: int, scale: float) -> torch.Tensor:
+                      seq_len: int, scale: float, total_heads: int | None = None) -> torch.Tensor:
     """Head-averaged causal attention ``[n, seq_len]`` (fp32) of one request's n step rows.
 
     ``step_query [n, H, D]``; step row i sees keys ``< seq_len - n + i + 1``. The
     average is formed without materialising ``[H, n, seq_len]`` probabilities twice:
-    exponentials in place, each head weighted by ``1 / (H * its normaliser)``.
+    exponentials in place, each head weighted by ``1 / (total_heads * its normaliser)``.
+    ``total_heads`` defaults to H; under tensor parallelism it is the layer's head count
+    over all ranks, so the result is these heads' share of the average (softmax is per
+    head, hence local) and the TP group's sum of the shares is the average.
     """
     n, num_heads = step_query.shape[:2]
     num_kv_heads = k_view.shape[2]
@@ -55,8 +60,41 @@ def step_head_average(step_query: torch.Tensor, k_view: torch.Tensor, block_row:
     future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
     scores[:, :, seq_len - n:].masked_fill_(future, float("-inf"))
     scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-    weights = 1.0 / (num_heads * scores.sum(dim=-1))  # [H, n]
+    weights = 1.0 / ((total_heads or num_heads) * scores.sum(dim=-1))  # [H, n]
     return torch.einsum("hnl,hn->nl", scores, weights)
+
+
+def step_head_share_rows_ref(
+    query: torch.Tensor,
+    k_view: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_step_lens: torch.Tensor,
+    *,
+    scale: float,
+    total_heads: int,
+    out: torch.Tensor,
+    query_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This rank's share of every step row's head-averaged attention, before thresholding.
+
+    Tensor parallelism's half of ``step_grounding_stats_ref``: the sparsity threshold
+    applies to the average over *all* heads, so ranks cannot threshold their own heads;
+    they write ``sum_{local h} p_h / total_heads`` per row, the verifier sums the rows over
+    the TP group and thresholds them (``core.grounding.ragged_step_stats``). Same inputs as
+    ``step_grounding_stats_ref``; ``out [>= T_step, >= max(seq_lens)]`` fp32 receives row
+    ``cu[b] + i`` of request b in columns ``:seq_lens[b]``, zeros after. Returns ``out``.
+    """
+    starts = cu_step_lens[:-1] if query_start is None else query_start
+    cu, lens, q_at = cu_step_lens.tolist(), seq_lens.tolist(), starts.tolist()
+    for b in range(len(cu) - 1):
+        n, seq_len, row = cu[b + 1] - cu[b], lens[b], cu[b]
+        if n == 0:
+            continue
+        out[row: row + n, :seq_len] = step_head_average(
+            query[q_at[b]: q_at[b] + n], k_view, block_table[b], seq_len, scale, total_heads)
+        out[row: row + n, seq_len:].zero_()
+    return out
 
 
 def step_grounding_stats_ref(

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -184,11 +185,28 @@ def resolve_config(value: str | os.PathLike[str] | Mapping[str, Any] | SpecGuard
 
 # Per-request overrides (vLLM's `vllm_xargs`): only these keys, validated like the file.
 OVERRIDABLE_KEYS = ("tau", "beta", "fallback")
+# `vllm_xargs: {"specguard": false}` turns SpecGuard off for one request, which then runs
+# as vLLM's own token-level SD: one greedy draft candidate, no step scoring.
+OPT_OUT_KEY = "specguard"
+
+
+def request_opts_out(overrides: Mapping[str, Any]) -> bool:
+    """True when ``overrides`` turn SpecGuard off for the request; ConfigError names a bad value.
+
+    vLLM's OpenAI server hands JSON booleans on as 0 / 1 (its ``vllm_xargs`` values are
+    ``str | int | float``), so those two integers are accepted as well.
+    """
+    value = overrides.get(OPT_OUT_KEY, True)
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return not value
+    raise ConfigError([(OPT_OUT_KEY, f"must be true or false (got {value!r})")], "request")
 
 
 def apply_request_overrides(params: SpecGuardParams, overrides: Mapping[str, Any]) -> SpecGuardParams:
-    """Return ``params`` with per-request overrides applied; ConfigError names a bad one."""
-    relevant = {k[len("specguard_"):] if k.startswith("specguard_") else k: v
+    """Return ``params`` with per-request overrides applied; ConfigError names a bad one
+    (the opt-out key included, though it is read by :func:`request_opts_out`)."""
+    request_opts_out(overrides)
+    relevant = {k.removeprefix("specguard_"): v
                 for k, v in overrides.items()}
     chosen = {k: v for k, v in relevant.items() if k in OVERRIDABLE_KEYS}
     if not chosen:

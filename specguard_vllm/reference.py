@@ -11,7 +11,7 @@ score the step, accept it or recover from it). All SpecGuard math comes from
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -33,6 +33,40 @@ MODES: tuple[str, ...] = ("specguard", "target", "draft")
 # step kept by token-level verification ("prefix"), a draft accepted by token-level SD
 # while finishing a step or in an accepted step's tail ("sd"), or the target itself.
 ORIGINS = ("step", "prefix", "sd", "target")
+
+
+TokenMask = Callable[[Sequence[int]], "torch.Tensor | None"]
+"""A request's constraints for the reference decoder: given the tokens generated so far (the
+preceding drafts included), a ``[V]`` bool mask of the tokens the next position forbids (None:
+none). The target's distribution is masked with it wherever the target samples or verifies,
+as vLLM masks its processed distribution (SPECGUARD.md 2.6)."""
+
+
+@dataclass(frozen=True)
+class RequestConstraints:
+    """The request constraints the reference can express, as vLLM applies them: ``bad_words``
+    (token-id sequences, matched against the generated tokens only, as vLLM does),
+    ``allowed_token_ids``, and ``min_tokens`` (its ``stop_token_ids``, EOS included, are
+    forbidden until that many tokens were generated). Grammars are engine-only."""
+
+    vocab_size: int
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __call__(self, generated: Sequence[int]) -> torch.Tensor:
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if self.allowed_token_ids is not None:
+            mask[:] = True
+            mask[list(self.allowed_token_ids)] = False
+        for word in self.bad_words:
+            prefix = list(word[:-1])
+            if len(prefix) <= len(generated) and list(generated[len(generated) - len(prefix):]) == prefix:
+                mask[word[-1]] = True
+        if len(generated) < self.min_tokens:
+            mask[list(self.stop_token_ids)] = True
+        return mask
 
 
 class PairMismatchError(ValueError):
@@ -180,15 +214,24 @@ class ReferenceDecoder:
         temperature: float = 0.0,
         seed: int = 0,
         params: SpecGuardParams | None = None,
+        constraints: TokenMask | None = None,
+        max_scheduled_drafts: int | None = None,
     ) -> DecodeResult:
-        """Decode one prompt; ``temperature`` is the target's sampling temperature."""
+        """Decode one prompt; ``temperature`` is the target's sampling temperature.
+
+        ``constraints`` masks the target's distribution (SPECGUARD.md 2.6: no committed token
+        is one it forbids; an accepted step is cut before its first forbidden token).
+        ``max_scheduled_drafts`` is the most drafts one verification takes, as vLLM's scheduler
+        truncates rows to its token budget (``--max-num-batched-tokens``, less the slots it keeps
+        for drafting); a step longer than that is verified token-level and stays open.
+        """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         params = params or self.config.specguard
         self.check_prompt(prompt_ids)
-        req = _Request(self, prompt_ids, max_tokens, temperature, seed, params)
+        req = _Request(self, prompt_ids, max_tokens, temperature, seed, params, constraints)
         writer = "draft" if mode == "draft" else "target"  # who writes a token a pass
         if len(req.prompt) > 1 and writer == "target":
             self._forward(self.target, req.prompt[:-1], req.target_cache)
@@ -201,8 +244,10 @@ class ReferenceDecoder:
                 continue
             candidates = self._draft_candidates(req, params, max_len)  # 1. draft k candidates
             row, step_len = candidates.central(params.selector)  # 2. select the central one
+            truncated = self._truncated(req, row, step_len, max_scheduled_drafts)
+            row = row[:max_scheduled_drafts]  # what the scheduler lets one pass verify
             logits, attentions = self._verification_pass(req, row)  # 3. verify: one target pass
-            if req.step_mode is StepMode.TOKEN_LEVEL:  # the rest of a rejected step
+            if req.step_mode is StepMode.TOKEN_LEVEL or truncated:  # not a whole step
                 finished = self._token_level(req, logits, row, "sd")
                 continue
             context_len = len(req.committed)
@@ -257,6 +302,15 @@ class ReferenceDecoder:
         lengths = [len(row) if n is None else n for row, n in zip(rows, step_lens)]
         return Candidates(rows, lengths, loglik)
 
+    def _truncated(self, req: _Request, row: list[int], step_len: int, budget: int | None) -> bool:
+        """Whether the scheduler would verify less than the whole step: a step longer than the
+        budget, or cut by the context's end before its delimiter (the engine drafts up to K
+        tokens there and its scheduler cuts the row at ``max_model_len``)."""
+        if budget is not None and step_len > budget:
+            return True
+        cut_by_context = len(row) == step_len < self.config.num_speculative_tokens
+        return cut_by_context and self.segmenter.step_length(row, prefix=req.step.tokens) is None
+
     def _verification_pass(self, req: _Request, row: list[int]):
         """The target's one forward over ``[last committed, d_1..d_n]``: ``[n + 1, V]`` logits
         (row t predicts d_{t+1}; the last, the bonus token) and every layer's attention."""
@@ -266,10 +320,13 @@ class ReferenceDecoder:
         return out.logits[0].float(), out.attentions
 
     def _accept(self, req: _Request, logits: torch.Tensor, row: list[int], step_len: int) -> bool:
-        """Commit the whole step, then verify the tail token-level (an empty tail: the bonus)."""
-        finished = req.commit(row[:step_len], "step")
+        """Commit the step up to its first forbidden token (the whole step if none), then verify
+        the rest of the row token-level: the tail (an empty tail: the bonus), or, after a cut,
+        the forbidden token, which is rejected for the target's own token (SPECGUARD.md 2.6)."""
+        cut = req.first_forbidden(row, step_len)
+        finished = req.commit(row[:cut], "step")
         req.close_step("draft")
-        return finished or self._token_level(req, logits[step_len:], row[step_len:], "sd")
+        return finished or self._token_level(req, logits[cut:], row[cut:], "sd")
 
     def _speculative_fallback(self, req: _Request, logits: torch.Tensor, row: list[int]) -> bool:
         """`fallback: speculative`: keep the row's prefix that token-level SD accepts, plus the
@@ -281,7 +338,7 @@ class ReferenceDecoder:
         """`fallback: target` (the paper's): drop the step, commit the target's own token at its
         first position, and let the target write the rest one token a pass."""
         req.crop_target(len(req.committed))
-        first = int(_sample(logits[:1], req.temperature, req.target_gen)[0])
+        first = int(_sample(req.constrain(logits[:1]), req.temperature, req.target_gen)[0])
         req.step_mode = StepMode.REGENERATE
         return req.commit_kept([first], "target")
 
@@ -289,7 +346,8 @@ class ReferenceDecoder:
                      draft_origin: str) -> bool:
         """Lossless token-level SD of ``drafted`` on the pass's logits: commit the drafts it keeps
         (as ``draft_origin``) and its recovered or bonus token; drop the rest's keys."""
-        kept = token_level_verify(logits, drafted, req.temperature, req.target_gen)
+        kept = token_level_verify(req.constrain(logits, drafted), drafted, req.temperature,
+                                  req.target_gen)
         req.crop_target(len(req.committed) + len(kept) - 1)
         return req.commit_kept(kept, draft_origin)
 
@@ -301,7 +359,8 @@ class ReferenceDecoder:
         else:
             out = self._forward(self.target, req.committed[-1:], req.target_cache)
             req.target_forwards += 1
-        token = int(_sample(out.logits[0, -1:].float(), req.temperature, req.target_gen)[0])
+        logits = req.constrain(out.logits[0, -1:].float())
+        token = int(_sample(logits, req.temperature, req.target_gen)[0])
         return req.commit_kept([token], "target", source=writer)
 
     def _draft_catch_up(self, req: _Request):
@@ -355,7 +414,8 @@ class _Request:
     caches (the target's holds every committed token but the last) and the seeded RNGs."""
 
     def __init__(self, decoder: ReferenceDecoder, prompt_ids: Sequence[int], max_tokens: int,
-                 temperature: float, seed: int, params: SpecGuardParams):
+                 temperature: float, seed: int, params: SpecGuardParams,
+                 constraints: TokenMask | None = None):
         from transformers import DynamicCache
 
         self.decoder = decoder
@@ -374,10 +434,31 @@ class _Request:
         self.steps: list[StepRecord] = []
         self.step = _OpenStep()
         self.step_mode = StepMode.DRAFT
+        self.constraints = constraints
 
     @property
     def generated(self) -> list[int]:
         return self.committed[len(self.prompt):]
+
+    def constrain(self, logits: torch.Tensor, drafted: Sequence[int] = ()) -> torch.Tensor:
+        """``logits`` ``[R, V]`` with what the constraints forbid at -inf; row t follows the
+        generated tokens and ``drafted[:t]``."""
+        if self.constraints is None:
+            return logits
+        rows = []
+        for t in range(logits.shape[0]):
+            mask = self.constraints(self.generated + list(drafted[:t]))
+            rows.append(logits[t] if mask is None else logits[t].masked_fill(mask, float("-inf")))
+        return torch.stack(rows)
+
+    def first_forbidden(self, row: list[int], step_len: int) -> int:
+        """The first of the step's positions whose draft the constraints forbid, else its length."""
+        if self.constraints is not None:
+            for t in range(step_len):
+                mask = self.constraints(self.generated + row[:t])
+                if mask is not None and bool(mask[row[t]]):
+                    return t
+        return step_len
 
     def draft_room(self) -> int:
         """The most tokens a drafted row may have: it and the bonus token must fit the context."""

@@ -53,7 +53,8 @@ def step_records(
     """JSON step records ``{"text","source","lpbv","abgv","score","accepted","tokens"}``.
 
     ``decisions`` are the engine's log entries for this request: ``kind`` ("step": a
-    judged step; "token": a row verified token-level while finishing a rejected step),
+    judged step, ``committed_step`` of its drafts committed; "token": a row verified
+    token-level, finishing a rejected step or a step the scheduler truncated),
     ``context_len`` (prompt + committed tokens before the row), ``drafted``,
     ``step_len`` (drafted tokens that form the step; the rest is a tail), ``committed``
     (tokens the row committed: kept drafts, then the target's own), and for steps
@@ -74,7 +75,10 @@ def step_records(
         committed = entry.get("committed")
         drafted_origin = "sd" if kind == "token" else "prefix"
         if kind == "step" and entry["accepted"]:
-            n = min(int(entry.get("step_len") or len(entry["drafted"])), len(tokens) - j)
+            kept = entry.get("committed_step")  # less than step_len: cut at a forbidden token
+            if kept is None:
+                kept = entry.get("step_len") or len(entry["drafted"])
+            n = min(int(kept), len(tokens) - j)
             records.push_step(tokens[j: j + n], entry)
             j += n
             rest = 1 if committed is None else int(committed) - n  # tail drafts + last token

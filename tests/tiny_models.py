@@ -32,7 +32,7 @@ def corpus_lines(rng: random.Random, n: int) -> list[str]:
     return texts
 
 
-def build_tokenizer(out_dir: Path, texts: list[str]):
+def build_tokenizer(out_dir: Path, texts: list[str], vocab_size: int = 96):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +42,7 @@ def build_tokenizer(out_dir: Path, texts: list[str]):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=96, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
@@ -100,17 +100,57 @@ def build_model(out_dir: Path, tokenizer, texts: list[str], *, layers: int, hidd
     return model
 
 
+def pad_vocabulary(src: Path, dst: Path, rows: int, scale: float = 3.0) -> None:
+    """A copy of the model at ``src`` whose (tied) embedding is padded to ``rows`` rows.
+
+    Padding row ``V + i`` is ``scale`` times real row ``i % V``, so its logit is ``scale``
+    times a real token's: a proposer that did not mask padding ids would pick them.
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(src)
+    real = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        index = torch.arange(real, rows) % real
+        weight[real:] = scale * weight[index]
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    cfg_path = dst / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def with_sliding_window(src: Path, dst: Path, window: int) -> Path:
+    """A copy of the model at ``src`` whose last layer uses sliding-window attention."""
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    cfg_path = dst / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    layers = cfg["num_hidden_layers"]
+    cfg["layer_types"] = ["full_attention"] * (layers - 1) + ["sliding_attention"]
+    cfg["sliding_window"] = window
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
 def build_tiny_pair(root: Path, seed: int = 0) -> dict[str, Path]:
-    """target (4 layers), draft (2 layers, less trained), and a draft with another vocab size."""
+    """target (4 layers), draft (2 layers, less trained), the draft with its embedding padded
+    to another size (same tokenizer), and a draft with a different tokenizer."""
     torch.set_num_threads(1)
     rng = random.Random(seed)
     texts = corpus_lines(rng, 2000)
-    paths = {name: root / name for name in ("tokenizer", "target", "draft", "bad_vocab_draft")}
+    names = ("tokenizer", "target", "draft", "padded_draft", "other_tokenizer", "bad_vocab_draft")
+    paths = {name: root / name for name in names}
     for p in paths.values():
         p.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(paths["tokenizer"], texts)
     build_model(paths["target"], tokenizer, texts, layers=4, hidden=64, steps=200, seed=seed)
     build_model(paths["draft"], tokenizer, texts, layers=2, hidden=64, steps=90, seed=seed + 1)
-    build_model(paths["bad_vocab_draft"], tokenizer, texts, layers=1, hidden=32, steps=1,
-                seed=seed + 2, vocab_size=len(tokenizer) + 7)
+    pad_vocabulary(paths["draft"], paths["padded_draft"], rows=2 * len(tokenizer) + 13)
+    other = build_tokenizer(paths["other_tokenizer"], texts, vocab_size=len(tokenizer) + 15)
+    build_model(paths["bad_vocab_draft"], other, texts, layers=1, hidden=32, steps=1, seed=seed + 2)
     return paths

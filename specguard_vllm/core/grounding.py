@@ -36,16 +36,57 @@ def step_attention_stats(
     _, n, num_keys = probs.shape
     if num_keys != prefix_len + n:
         raise ValueError(f"keys ({num_keys}) != prefix_len ({prefix_len}) + step length ({n})")
-    avg = probs.float().mean(dim=0)  # [n, N]
+    normed = sparsify_rows(probs.float().mean(dim=0), sparsity)  # [n, N]
+    prefix_mass = normed[:, :prefix_len].sum(dim=-1)
+    block = torch.tril(normed[:, prefix_len:])
+    return prefix_mass, block
+
+
+def sparsify_rows(avg: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Head-averaged attention rows ``[..., keys]`` with entries below ``sparsity`` dropped
+    and each row renormalised (fp32): the one definition of SPECGUARD.md section 3's
+    thresholding, for one request's dense rows and for a tensor-parallel batch's padded ones
+    (zero padding past a row's keys changes nothing: it is dropped or adds nothing).
+    """
+    avg = avg.float()
     kept = torch.where(avg >= sparsity, avg, torch.zeros_like(avg))
     total = kept.sum(dim=-1, keepdim=True)
     # A row whose every entry fell below the threshold keeps its unsparsified
     # distribution: dropping all mass would make grounding undefined.
     kept = torch.where(total > 0, kept, avg)
     total = kept.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    normed = kept / total
-    prefix_mass = normed[:, :prefix_len].sum(dim=-1)
-    block = torch.tril(normed[:, prefix_len:])
+    return kept / total
+
+
+def ragged_step_stats(
+    avg: torch.Tensor, prefix_lens: torch.Tensor, step_index: torch.Tensor, sparsity: float,
+    max_step_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``step_attention_stats`` of many requests' step rows at once, from padded head averages.
+
+    Args:
+        avg: ``[..., R, K]`` head-averaged attention of R step rows (any leading dims, e.g.
+            layers); row r's keys are its first ``prefix_lens[r] + step_index[r] + 1``
+            columns, every later column is zero.
+        prefix_lens: ``[R]`` |S| of each row's request.
+        step_index: ``[R]`` position i of each row in its step.
+        max_step_len: width of the returned block.
+
+    Returns ``(prefix_mass [..., R], block [..., R, max_step_len])``: row r equals row i of
+    ``step_attention_stats`` on its request (block columns past i are zero).
+    """
+    normed = sparsify_rows(avg, sparsity)
+    num_keys = normed.shape[-1]
+    device = normed.device
+    prefix_lens = prefix_lens.to(device=device, dtype=torch.int64).unsqueeze(-1)  # [R, 1]
+    step_index = step_index.to(device=device, dtype=torch.int64).unsqueeze(-1)
+    in_prefix = torch.arange(num_keys, device=device) < prefix_lens  # [R, K]
+    prefix_mass = torch.where(in_prefix, normed, torch.zeros_like(normed)).sum(dim=-1)
+    j = torch.arange(max_step_len, device=device)
+    # Clamped columns are only read where j > i, which the causal mask zeroes.
+    columns = (prefix_lens + j).clamp(max=max(num_keys - 1, 0))  # [R, max_step_len]
+    block = normed.gather(-1, columns.expand(*normed.shape[:-1], max_step_len))
+    block = torch.where(j <= step_index, block, torch.zeros_like(block))
     return prefix_mass, block
 
 

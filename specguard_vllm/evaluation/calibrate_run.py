@@ -169,6 +169,11 @@ def calibrate(*, config_path: str, target: str, dataset: str = "tiny", split: st
 
         # 4. validate: accuracy against gold, or (no gold) against the target's answers
         if session is None:
+            # A new engine numbers its requests from 0 again: keep the collect phase's
+            # decisions apart, or they would be read as the validation requests' own.
+            if decision_log and log_path.exists():
+                log_path.replace(log_path.with_suffix(".collect.jsonl"))
+            log_path.unlink(missing_ok=True)
             t0 = time.perf_counter()
             session = open_session(target, config, data, log_path=log_path,
                                    max_num_seqs=max_num_seqs, seed=seed)

@@ -12,6 +12,8 @@ point (``EngineArgs.create_speculative_config``, patch P2), before any weights l
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -91,18 +93,56 @@ def specguard_from_additional_config(additional_config: Mapping[str, Any] | None
 
 
 def check_draft_vocab(draft: str, target_model_config) -> None:
-    """Refuse a draft whose vocabulary differs from the target's, before loading weights."""
-    from transformers import AutoConfig
+    """Refuse a draft whose tokenizer differs from the target's, before loading weights.
 
+    The tokenizers are compared (size and token -> id map), not the embedding sizes: a
+    pair such as Qwen2.5-Math-7B (embedding padded to 152064) and -1.5B (151936) shares
+    one tokenizer and is served; the proposer never proposes the padding ids past it.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    trust = bool(getattr(target_model_config, "trust_remote_code", False))
     try:
-        draft_vocab = int(AutoConfig.from_pretrained(draft).vocab_size)
+        draft_vocab = int(AutoConfig.from_pretrained(draft, trust_remote_code=trust).vocab_size)
+        draft_tokenizer = AutoTokenizer.from_pretrained(draft, trust_remote_code=trust)
     except Exception as error:  # noqa: BLE001 - any loading problem is the user's input
         raise ValueError(f"SpecGuard: cannot read the draft model config {draft!r}: {error}") from None
     target_vocab = int(target_model_config.get_vocab_size())
-    if draft_vocab != target_vocab:
+    target_tokenizer = AutoTokenizer.from_pretrained(target_model_config.tokenizer,
+                                                     trust_remote_code=trust)
+    tokens = len(target_tokenizer)
+    if len(draft_tokenizer) != tokens or draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
         raise ValueError(
-            f"SpecGuard: draft vocabulary size {draft_vocab} ({draft}) does not match the "
-            f"target's {target_vocab}: the draft must share the target's tokenizer")
+            f"SpecGuard: the draft's tokenizer ({len(draft_tokenizer)} tokens, vocabulary size "
+            f"{draft_vocab}, {draft}) differs from the target's ({tokens} tokens, vocabulary size "
+            f"{target_vocab}): the draft must share the target's tokenizer")
+    if draft_vocab < tokens:
+        raise ValueError(
+            f"SpecGuard: the draft's vocabulary size {draft_vocab} ({draft}) is smaller than its "
+            f"tokenizer ({tokens} tokens): the draft cannot embed every token the target writes")
+    if draft_vocab != target_vocab:
+        logger.info("SpecGuard: draft vocabulary size %d, target's %d, one tokenizer of %d tokens: "
+                    "the draft proposes ids below %d only", draft_vocab, target_vocab, tokens,
+                    min(tokens, target_vocab))
+
+
+_TOKENIZER_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "specguard_tokenizer_checked", default=False)
+
+
+@contextlib.contextmanager
+def draft_tokenizer_checked():
+    """While vLLM builds a SpecGuard engine's speculative config: its draft's tokenizer was
+    compared with the target's, so vLLM's equal-embedding-size check is not needed (P13)."""
+    token = _TOKENIZER_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _TOKENIZER_CHECKED.reset(token)
+
+
+def tokenizer_was_checked() -> bool:
+    return _TOKENIZER_CHECKED.get()
 
 
 def check_grounding_layers(layers: int, target_model_config) -> None:
@@ -113,6 +153,87 @@ def check_grounding_layers(layers: int, target_model_config) -> None:
         raise ValueError(
             f"invalid SpecGuard config:\n  specguard.grounding_layers: {layers} but the target "
             f"has only {num_layers} layers")
+
+
+def check_parallelism(parallel_config) -> None:
+    """Refuse the parallel layouts under which grounding would read only part of the target.
+
+    Tensor parallelism is supported (the ranks' head shares are summed before thresholding).
+    Pipeline parallelism puts the grounding layers and the sampler on the last stage only,
+    and context parallelism splits each request's keys over ranks; neither is handled.
+    """
+    for field_name, flag, reason in (
+        ("pipeline_parallel_size", "--pipeline-parallel-size",
+         "the step verifier and its grounding capture run on one pipeline stage only"),
+        ("decode_context_parallel_size", "--decode-context-parallel-size",
+         "grounding reads every key of a request from one rank's KV cache"),
+        ("prefill_context_parallel_size", "--prefill-context-parallel-size",
+         "grounding reads every key of a request from one rank's KV cache"),
+    ):
+        size = int(getattr(parallel_config, field_name, 1) or 1)
+        if size > 1:
+            raise ValueError(
+                f"SpecGuard does not support {flag} {size} ({reason}); use "
+                "--tensor-parallel-size to split the target over devices")
+
+
+# KV cache dtypes whose keys the grounding capture reads as stored (no quantisation scales).
+UNQUANTISED_KV_DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "float")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: Any) -> None:
+    """Refuse a quantised KV cache (``--kv-cache-dtype fp8*``, ...) at start."""
+    name = str(kv_cache_dtype or "auto").removeprefix("torch.")
+    if name not in UNQUANTISED_KV_DTYPES:
+        raise ValueError(
+            f"SpecGuard cannot start: --kv-cache-dtype {name} (a quantised KV cache) is not "
+            "supported: the grounding capture reads the keys from the paged cache unscaled. "
+            "Use --kv-cache-dtype auto.")
+
+
+def check_attention_backend(backend: Any, supported: tuple[str, ...]) -> None:
+    """Refuse an explicitly chosen attention backend the grounding capture cannot read."""
+    name = getattr(backend, "name", backend)
+    if name is not None and str(name) not in supported:
+        raise ValueError(
+            f"SpecGuard cannot start: --attention-backend {name}: the grounding capture reads the "
+            f"paged K cache of {', '.join(supported)} only.")
+
+
+def _sliding_window(value: Any) -> Any:
+    """The window of an attention impl's ``sliding_window`` (-1, (-1, -1) or None: none)."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return None if value is None or all(v is None or v == -1 for v in values) else value
+
+
+def check_grounding_attention(layer_name: str, backend: str, impl: Any,
+                              supported: tuple[str, ...]) -> None:
+    """Refuse, at start, a grounding layer whose attention the capture would not reproduce.
+
+    The capture recomputes the layer's attention probabilities from the paged K cache with
+    plain scaled dot products over the whole context: a backend whose cache layout it does
+    not know, sliding windows, ALiBi biases, logit soft-capping or a quantised cache would
+    give grounding scores of some other attention.
+    """
+    where = f"SpecGuard cannot start: grounding layer {layer_name}"
+    if backend not in supported:
+        raise ValueError(
+            f"{where} runs on the {backend} attention backend; the grounding capture reads the "
+            f"paged K cache of {', '.join(supported)} only. Choose one with --attention-backend.")
+    window = _sliding_window(getattr(impl, "sliding_window", None))
+    if window is not None:
+        raise ValueError(
+            f"{where} uses sliding-window attention (sliding_window={window}); the grounding "
+            "capture attends to the whole context. Use fewer grounding_layers (full-attention "
+            "layers only) or a target without sliding windows.")
+    if getattr(impl, "alibi_slopes", None) is not None:
+        raise ValueError(f"{where} uses ALiBi position biases, which the grounding capture does "
+                         "not apply.")
+    soft_cap = getattr(impl, "logits_soft_cap", None)
+    if soft_cap not in (None, 0, 0.0):
+        raise ValueError(f"{where} soft-caps its attention logits (logits_soft_cap={soft_cap}), "
+                         "which the grounding capture does not apply.")
+    check_kv_cache_dtype(getattr(impl, "kv_cache_dtype", None))
 
 
 def force_gpu_settings(engine_args) -> None:

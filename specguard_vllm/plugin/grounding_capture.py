@@ -7,6 +7,11 @@ reduce them to the two per-layer statistics of SPECGUARD.md section 3 (prefix
 mass, in-step block) with ``kernels.dispatch`` (Triton on CUDA, PyTorch on CPU).
 No attention map is stored. The verifier rolls the layers out afterwards.
 
+Under tensor parallelism a rank holds only some of each layer's heads, and the sparsity
+threshold applies to the average over all of them, so the layers write their heads'
+share of each step row's average instead (:class:`TensorParallelRows`), which the
+verifier sums over the TP group once per forward before thresholding.
+
 The hook finds the capture on the grounding layers' own ``Attention`` objects (vLLM
 passes the layer to ``impl.forward``), so it needs no global and never looks at the
 draft's layers or the target's other layers.
@@ -14,6 +19,7 @@ draft's layers or the target's other layers.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,6 +30,8 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # The attention backends whose paged K cache kernels.kv_layout reads (patches.py hooks them).
 GROUNDING_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
 CAPTURE_ATTRIBUTE = "specguard_grounding_capture"  # set on each grounding layer's Attention
+FP32_BYTES = 4
+logger = logging.getLogger("vllm.specguard")
 
 
 def grounding_layer_names(attention_layer_names, num_layers: int) -> dict[str, int]:
@@ -54,10 +62,91 @@ class StepBatch:
     num_draft_tokens: list[int]
     prefix_mass: list[torch.Tensor | None] = field(default_factory=list)  # per grounding layer
     block: list[torch.Tensor | None] = field(default_factory=list)
+    head_shares: list[torch.Tensor | None] = field(default_factory=list)  # TP > 1 instead
 
     @property
     def total(self) -> int:
         return sum(self.num_draft_tokens)
+
+
+def tensor_parallel_rank_and_size() -> tuple[int, int]:
+    """This process's (rank, world size) in vLLM's TP group; (0, 1) outside a vLLM worker."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        return 0, 1
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+class TensorParallelRows:
+    """Exact grounding under tensor parallelism: each step row's head-average share, per layer.
+
+    Summing the ranks' thresholded statistics would be wrong (the threshold applies to the
+    average over all heads), so every grounding layer writes its heads' share of each step
+    row's average over every key into one ``[layers, rows, keys]`` fp32 buffer, and the
+    verifier sums it over the TP group in a single all_reduce per forward, then thresholds
+    (``core.grounding.ragged_step_stats``). The buffer grows with the batch, never shrinks,
+    and is bounded by layers x (most step rows in a forward) x max_model_len x 4 bytes.
+    """
+
+    def __init__(self, num_layers: int, world_size: int, max_rows: int, max_keys: int,
+                 device: torch.device):
+        self.num_layers = num_layers
+        self.world_size = world_size
+        self.max_rows, self.max_keys = max_rows, max_keys
+        self._storage = torch.empty(0, dtype=torch.float32, device=device)
+        self.rows: torch.Tensor | None = None  # [layers, T, K] of this forward
+        self.prefix_lens: torch.Tensor | None = None  # [T] |S| of each row's request
+        self.step_index: torch.Tensor | None = None  # [T] each row's position in its step
+        self.max_step_len = 0
+
+    @property
+    def bound_bytes(self) -> int:
+        return self.num_layers * self.max_rows * self.max_keys * FP32_BYTES
+
+    @classmethod
+    def for_runner(cls, runner, num_layers: int) -> TensorParallelRows | None:
+        """None at TP=1 (the fused per-layer statistics need no reduction)."""
+        _, world_size = tensor_parallel_rank_and_size()
+        if world_size == 1:
+            return None
+        spec_tokens = runner.speculative_config.num_speculative_tokens
+        max_rows = min(runner.max_num_tokens, runner.max_num_reqs * spec_tokens)
+        rows = cls(num_layers, world_size, max_rows, runner.max_model_len, runner.device)
+        logger.info(
+            "SpecGuard: tensor parallel size %d: grounding rows are summed over the TP group "
+            "once per verification forward; their buffer grows with the batch up to %.1f MiB "
+            "(%d layers x %d step rows x %d keys x %d B)", world_size, rows.bound_bytes / 2**20,
+            num_layers, max_rows, rows.max_keys, FP32_BYTES)
+        return rows
+
+    def begin(self, cu: torch.Tensor, seq_lens: torch.Tensor, num_draft_tokens: list[int]) -> None:
+        """Size this forward's buffer and each row's (|S|, position in step), once per forward."""
+        device = self._storage.device
+        total = sum(num_draft_tokens)
+        n = torch.tensor(num_draft_tokens, dtype=torch.int64, device=device)
+        seq = seq_lens.to(device=device, dtype=torch.int64)
+        keys = int(torch.where(n > 0, seq, 0).max())  # a long prefill without drafts adds none
+        need = self.num_layers * total * keys
+        if need > self._storage.numel():
+            # Doubling keeps regrowth rare as contexts lengthen; the bound caps it.
+            bound = self.bound_bytes // FP32_BYTES
+            size = max(need, min(2 * self._storage.numel(), bound))
+            self._storage = torch.empty(size, dtype=torch.float32, device=device)
+            logger.info("SpecGuard: TP grounding buffer grown to %.1f MiB (bound %.1f MiB)",
+                        size * FP32_BYTES / 2**20, self.bound_bytes / 2**20)
+        self.rows = self._storage[:need].view(self.num_layers, total, keys)
+        self.prefix_lens = torch.repeat_interleave(seq - n, n, output_size=total)
+        starts = torch.repeat_interleave(cu[:-1].to(device, torch.int64), n, output_size=total)
+        self.step_index = torch.arange(total, device=device) - starts
+        self.max_step_len = max(num_draft_tokens)
+
+    def clear(self) -> None:
+        self.rows = self.prefix_lens = self.step_index = None
 
 
 class GroundingCapture:
@@ -69,8 +158,10 @@ class GroundingCapture:
     taken with CUDA events that are read only when the verifier asks for it.
     """
 
-    def __init__(self, layer_positions: dict[str, int], sparsity: float, backend_name: str):
+    def __init__(self, layer_positions: dict[str, int], sparsity: float, backend_name: str,
+                 tensor_parallel: TensorParallelRows | None = None):
         self.layer_positions = layer_positions
+        self.tensor_parallel = tensor_parallel  # None at TP=1
         self.sparsity = sparsity
         self.backend_name = backend_name
         self.batch: StepBatch | None = None
@@ -97,9 +188,11 @@ class GroundingCapture:
 
     def arm(self, num_draft_tokens: list[int]) -> None:
         m = len(self.layer_positions)
-        self.batch = StepBatch(list(num_draft_tokens), [None] * m, [None] * m)
+        self.batch = StepBatch(list(num_draft_tokens), [None] * m, [None] * m, [None] * m)
         self.armed = sum(num_draft_tokens) > 0
         self._indices = None
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.clear()
 
     def disarm(self) -> None:
         self.armed = False
@@ -108,11 +201,15 @@ class GroundingCapture:
         self.batch = None
         self.armed = False
         self._indices = None
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.clear()
 
     def complete_for(self, num_draft_tokens: list[int]) -> bool:
         b = self.batch
-        return (b is not None and b.num_draft_tokens == list(num_draft_tokens)
-                and all(x is not None for x in b.prefix_mass))
+        if b is None or b.num_draft_tokens != list(num_draft_tokens):
+            return False
+        layers = b.prefix_mass if self.tensor_parallel is None else b.head_shares
+        return all(x is not None for x in layers)
 
     def _forward_indices(self, attn_metadata, device: torch.device) -> tuple:
         """cu_step_lens, query_start, seq_lens, block_table of this forward, built once."""
@@ -131,6 +228,8 @@ class GroundingCapture:
             table = (attn_metadata.block_table if hasattr(attn_metadata, "block_table")
                      else attn_metadata.block_table_tensor)
             self._indices = (cu, query_start, attn_metadata.seq_lens[:num_reqs], table[:num_reqs])
+            if self.tensor_parallel is not None:
+                self.tensor_parallel.begin(cu, self._indices[2], n_list)
         return self._indices
 
     def _workspace(self, position: int, num_heads: int, step: int, device: torch.device):
@@ -160,10 +259,9 @@ class GroundingCapture:
         position = self.layer_positions.get(layer_name)
         if position is None or not self.armed or attn_metadata is None or self.batch is None:
             return
-        from specguard_vllm.kernels.dispatch import k_cache_view, step_grounding_stats, use_triton
+        from specguard_vllm.kernels.dispatch import k_cache_view
         from specguard_vllm.plugin import grounding_selfcheck
 
-        batch = self.batch
         on_gpu = query.is_cuda
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -175,10 +273,33 @@ class GroundingCapture:
             self.layout_checked = grounding_selfcheck.check_cache_layout(
                 k_view, key, attn_metadata, self.backend_name, layer)
         cu, query_start, seq_lens, block_table = self._forward_indices(attn_metadata, query.device)
+        args = (query, k_view, block_table, seq_lens, cu)
+        if self.tensor_parallel is None:
+            self._layer_statistics(position, args, float(impl.scale), query_start)
+        else:
+            from specguard_vllm.kernels.dispatch import step_head_share_rows
+
+            total_heads = query.shape[1] * self.tensor_parallel.world_size
+            self.batch.head_shares[position] = step_head_share_rows(
+                *args, scale=float(impl.scale), total_heads=total_heads,
+                out=self.tensor_parallel.rows[position], query_start=query_start)
+        if on_gpu:
+            end.record()
+            self._events.append((start, end))
+        else:
+            self._cpu_seconds += time.perf_counter() - started
+
+    def _layer_statistics(self, position: int, args: tuple, scale: float,
+                          query_start: torch.Tensor) -> None:
+        """TP=1: this layer's prefix mass and block, thresholded in the fused kernel."""
+        from specguard_vllm.kernels.dispatch import step_grounding_stats, use_triton
+        from specguard_vllm.plugin import grounding_selfcheck
+
+        batch = self.batch
+        query = args[0]
         step = max(max(batch.num_draft_tokens), 1)
         ws = self._workspace(position, query.shape[1], step, query.device)
-        args = (query, k_view, block_table, seq_lens, cu)
-        kw = {"scale": float(impl.scale), "sparsity": self.sparsity, "max_step_len": step,
+        kw = {"scale": scale, "sparsity": self.sparsity, "max_step_len": step,
               "query_start": query_start}
         checking = not self.kernel_checked and use_triton(query)
         prefix_mass, block = step_grounding_stats(*args, workspace=ws, **kw)
@@ -194,11 +315,6 @@ class GroundingCapture:
                 block[:rows, :step].copy_(reference[1][:rows])
         batch.prefix_mass[position] = prefix_mass
         batch.block[position] = block
-        if on_gpu:
-            end.record()
-            self._events.append((start, end))
-        else:
-            self._cpu_seconds += time.perf_counter() - started
 
     def attach_to(self, layers) -> None:
         """Make this capture reachable from the grounding layers' ``Attention`` objects."""

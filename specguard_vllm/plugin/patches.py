@@ -20,11 +20,20 @@ Front end (API server / ``LLM`` process):
   P2 ``EngineArgs.create_speculative_config``: ``method: specguard`` becomes vLLM's
      ``draft_model`` method plus ``additional_config["specguard"]``; on CUDA it also
      forces the settings SpecGuard needs (sync scheduling, V1 runner, PIECEWISE
-     CUDA graphs), logging each.
+     CUDA graphs), logging each. Pipeline and context parallelism are refused here
+     (grounding needs every grounding layer and every key on each rank; tensor
+     parallelism is supported: the verifier sums the ranks' head shares, P11).
   P3 ``InputProcessor._validate_params``: per-request ``vllm_xargs`` overrides of
      ``tau`` / ``beta`` / ``fallback`` are validated on engines that run SpecGuard (the
      input processor knows its engine's config), so a bad value is an HTTP 400 naming
      it; other engines' xargs are never read.
+  P3b ``GenerateBaseServing._log_inputs``: the same check in the OpenAI server before
+     ``engine_client.generate`` (which is lazy), so a bad override is a 400 even for a
+     streamed request, whose 200 would otherwise already be sent.
+  P13 ``SpeculativeConfig.verify_equal_vocab_size_if_draft_model``: skipped while P2
+     builds a SpecGuard engine's config (P2 compared the tokenizers instead), so drafts
+     whose embedding is padded to another size are served; the proposer's own override
+     of ``DraftModelProposer._raise_if_vocab_size_mismatch`` does the same in the worker.
 Worker (model runner):
   P4 ``gpu_model_runner.DraftModelProposer`` (a module-level name, not a class patch):
      replaced by :class:`SpecGuardDraftProposer`, a subclass (k candidates in one
@@ -42,10 +51,19 @@ Worker (model runner):
   P10 ``GPUModelRunner._update_states``: forget finished / aborted requests.
   P11 ``<Backend>Impl.forward`` for CPU_ATTN, FLASH_ATTN, TRITON_ATTN: after the
      backend's attention, compute the grounding statistics of the target's last
-     ``grounding_layers`` layers from the paged K cache.
+     ``grounding_layers`` layers from the paged K cache (under tensor parallelism,
+     each rank's heads' share of the head average, which the verifier sums over the
+     TP group in one all_reduce per forward before thresholding).
   P12 ``WorkerBase``: add the RPC methods ``specguard_counters`` and
      ``specguard_reset_counters`` (new names only), so ``LLM.collective_rpc`` can
-     read SpecGuard's worker-side totals without pickled callables.
+     read SpecGuard's worker-side totals without pickled callables; also
+     ``specguard_scratch_blocks`` and ``specguard_kv_memory`` (P14).
+  P14 ``GPUModelRunner.initialize_kv_cache`` (worker) and ``EngineCore._initialize_kv_caches``
+     (engine core): right after vLLM allocates the KV cache, before any request, the
+     grounding capture is built (refusing attention it cannot read: backend, sliding
+     window, ALiBi, soft-capping, quantised cache) and the k-candidate scratch KV is
+     reserved as the top blocks of vLLM's pool, which the scheduler then never hands
+     out: the scratch is inside vLLM's KV budget, nothing is allocated or copied.
 """
 
 from __future__ import annotations
@@ -92,13 +110,18 @@ class EngineArgsPatch(VllmPatch):
         from specguard_vllm.config import ConfigError, config_from_mapping
         from specguard_vllm.plugin.config_bridge import (
             ADDITIONAL_CONFIG_KEY,
+            check_attention_backend,
             check_draft_vocab,
             check_grounding_layers,
+            check_kv_cache_dtype,
+            check_parallelism,
+            draft_tokenizer_checked,
             force_gpu_settings,
             is_specguard,
             load_if_path,
             to_vllm_speculative_config,
         )
+        from specguard_vllm.plugin.grounding_capture import GROUNDING_BACKENDS
         from specguard_vllm.plugin.metrics import enable_worker_metrics
 
         spec = load_if_path(self.speculative_config)
@@ -109,6 +132,9 @@ class EngineArgsPatch(VllmPatch):
                 raise ValueError(error.render()) from None
             check_draft_vocab(config.model, target_model_config)
             check_grounding_layers(config.specguard.grounding_layers, target_model_config)
+            check_kv_cache_dtype(self.kv_cache_dtype)
+            check_attention_backend(self.attention_backend, GROUNDING_BACKENDS)
+            check_parallelism(target_parallel_config)
             vllm_spec, block = to_vllm_speculative_config(config)
             self.speculative_config = vllm_spec
             additional = dict(self.additional_config or {})
@@ -116,9 +142,28 @@ class EngineArgsPatch(VllmPatch):
             self.additional_config = additional
             force_gpu_settings(self)
             enable_worker_metrics()
-        else:
-            self.speculative_config = spec
+            with draft_tokenizer_checked():  # P13: padded draft vocabularies pass
+                return self._orig_create_speculative_config(target_model_config,
+                                                            target_parallel_config)
+        self.speculative_config = spec
         return self._orig_create_speculative_config(target_model_config, target_parallel_config)
+
+
+class SpeculativeConfigPatch(VllmPatch):
+    target = "vllm.config.speculative:SpeculativeConfig"
+
+    def verify_equal_vocab_size_if_draft_model(self):
+        """P13: skip vLLM's equal-embedding-size check for a SpecGuard draft.
+
+        P2 compared the draft's tokenizer with the target's instead, so a draft whose
+        embedding is padded to another size (Qwen2.5-Math 7B/1.5B) is served; the proposer
+        never proposes padding ids. Every other engine keeps vLLM's check. Written for
+        vLLM 0.32 (called from the ``SpeculativeConfig`` validator).
+        """
+        from specguard_vllm.plugin.config_bridge import tokenizer_was_checked
+
+        if not tokenizer_was_checked():
+            self._orig_verify_equal_vocab_size_if_draft_model()
 
 
 class InputProcessorPatch(VllmPatch):
@@ -127,22 +172,36 @@ class InputProcessorPatch(VllmPatch):
     def _validate_params(self, params, *args, **kwargs):
         """P3: validate SpecGuard's per-request ``vllm_xargs`` overrides, on SpecGuard engines only.
 
-        So a bad ``tau`` / ``beta`` / ``fallback`` is an HTTP 400 naming it, not a failure
-        inside the worker; an engine without SpecGuard (and other plugins' xargs) never
-        sees this check. Written for vLLM 0.32 (``InputProcessor`` knows its engine's config).
+        Covers every way into an engine (``LLM``, ``AsyncLLM``, the OpenAI server), so a bad
+        ``tau`` / ``beta`` / ``fallback`` never reaches the worker. Written for vLLM 0.32
+        (``InputProcessor`` knows its engine's config).
         """
-        from specguard_vllm.config import ConfigError, SpecGuardParams, apply_request_overrides
-        from specguard_vllm.plugin.config_bridge import ADDITIONAL_CONFIG_KEY
+        from specguard_vllm.plugin.request_params import refuse_bad_request_overrides
 
         result = self._orig__validate_params(params, *args, **kwargs)
-        extra = getattr(params, "extra_args", None)
-        if extra and ADDITIONAL_CONFIG_KEY in (self.vllm_config.additional_config or {}):
-            try:
-                apply_request_overrides(SpecGuardParams(), extra)
-            except ConfigError as error:
-                problems = "; ".join(f"vllm_xargs.{path}: {msg}" for path, msg in error.problems)
-                raise ValueError(f"invalid SpecGuard request override: {problems}") from None
+        refuse_bad_request_overrides(getattr(params, "extra_args", None), self.vllm_config)
         return result
+
+
+class GenerateServingPatch(VllmPatch):
+    target = "vllm.entrypoints.generate.base.serving:GenerateBaseServing"
+
+    def _log_inputs(self, request_id, inputs, params, lora_request):
+        """P3b: the same check in the OpenAI server before the engine's generator is made.
+
+        ``AsyncLLM.generate`` is lazy: P3 runs only once the response has started, which
+        for a stream is after its 200 (the client sees a broken stream, not a 400).
+        Completions, chat, responses and batch chat all call ``_log_inputs`` with the
+        request's ``SamplingParams`` right before ``engine_client.generate``, and an error
+        raised there reaches vLLM's exception handler as a 400. Written for vLLM 0.32.
+        """
+        from specguard_vllm.plugin.request_params import refuse_bad_request_overrides
+
+        refuse_bad_request_overrides(
+            getattr(params, "extra_args", None),
+            getattr(self.engine_client, "vllm_config", None),
+        )
+        return self._orig__log_inputs(request_id, inputs, params, lora_request)
 
 
 # ------------------------------------------------------------------ worker
@@ -231,6 +290,44 @@ class GPUModelRunnerPatch(VllmPatch):
             self.specguard_state.forget(getattr(scheduler_output, "finished_req_ids", None) or ())
         return self._orig__update_states(scheduler_output, *args, **kwargs)
 
+    def initialize_kv_cache(self, kv_cache_config, is_profiling: bool = False, *args, **kwargs):
+        """P14: once the KV cache exists, before any request, prepare SpecGuard for serving.
+
+        Builds the grounding capture (so attention it cannot read is refused at start) and
+        reserves the k-candidate scratch KV at the top of the block pool, which the engine
+        core takes out of the scheduler's pool. vLLM 0.32 calls this from
+        ``Worker.initialize_from_config`` (``CPUModelRunner`` through ``super()``).
+        """
+        self._orig_initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
+        if self.specguard_state is not None and not is_profiling:
+            self.specguard_state.prepare_at_start(self.kv_cache_config.num_blocks)
+
+
+class EngineCorePatch(VllmPatch):
+    target = "vllm.v1.engine.core:EngineCore"
+
+    def _initialize_kv_caches(self, vllm_config):
+        """P14: the scheduler's block pool leaves out the workers' k-candidate scratch blocks.
+
+        The workers reserved them at the top of the pool vLLM sized from its KV budget
+        (``GPUModelRunner.initialize_kv_cache``), so the scratch is inside that budget and
+        exists before the first request. Written for vLLM 0.32, whose method returns the
+        scheduler's ``KVCacheConfig``.
+        """
+        from specguard_vllm.plugin.config_bridge import ADDITIONAL_CONFIG_KEY
+
+        config = self._orig__initialize_kv_caches(vllm_config)
+        if ADDITIONAL_CONFIG_KEY not in (vllm_config.additional_config or {}):
+            return config
+        reserved = max(self.collective_rpc("specguard_scratch_blocks"), default=0)
+        if reserved:
+            from vllm.v1.core.kv_cache_utils import update_kv_cache_capacity
+
+            config.num_blocks -= reserved
+            vllm_config.cache_config.num_gpu_blocks = config.num_blocks
+            update_kv_cache_capacity(vllm_config, config)  # logs the capacity left
+        return config
+
 
 class GroundingAttentionPatch(VllmPatch):
     """P11, one subclass per attention backend whose paged K cache the grounding reads."""
@@ -291,18 +388,32 @@ class WorkerBasePatch(VllmPatch):
         state.metrics.counters = StepCounters()
         return True
 
+    def specguard_scratch_blocks(self) -> int:
+        """P14: KV blocks reserved here for the k-candidate scratch (0 without SpecGuard)."""
+        state = _worker_state(self)
+        return 0 if state is None else state.runner.drafter.scratch_blocks
+
+    def specguard_kv_memory(self) -> dict:
+        """Bytes of every KV tensor (each allocation once), the KV budget and the scratch."""
+        from specguard_vllm.plugin.introspect import kv_memory_report
+
+        return kv_memory_report(self.model_runner, self.cache_config)
+
 
 def apply_all_patches() -> None:
-    """Check the installed vLLM, then apply P1-P12 in order (each is idempotent)."""
+    """Check the installed vLLM, then apply P1-P14 in order (each is idempotent)."""
     from specguard_vllm.plugin.version import check_vllm_version
 
     check_vllm_version()
     EngineArgsPatch.apply()  # P1, P2
     InputProcessorPatch.apply()  # P3
+    GenerateServingPatch.apply()  # P3b
+    SpeculativeConfigPatch.apply()  # P13
     use_specguard_draft_proposer()  # P4
     GPUModelRunnerPatch.apply()  # P5-P10
     CPUAttentionPatch.apply()  # P11
     FlashAttentionPatch.apply()
     TritonAttentionPatch.apply()
     WorkerBasePatch.apply()  # P12
+    EngineCorePatch.apply()  # P14 (the worker side is in P5-P10's class and P12's)
     logger.debug("SpecGuard patches applied (written for %s)", WRITTEN_FOR)

@@ -6,8 +6,10 @@ lookahead slots and every ``isinstance`` check keep working). Per engine step:
 1. the stock first pass: the draft catches up on the tokens the target just
    verified (once, on B rows) and gives the logits of the first step token;
 2. k first tokens per request are sampled from those logits at
-   ``draft_temperature``; the remaining K-1 tokens are drafted on B*k rows in
-   one batched pass per position (not k sequential loops);
+   ``draft_temperature``; the remaining K-1 tokens are drafted on the candidate
+   rows in one batched pass per position (not k sequential loops). The rows are
+   ragged: a request that turned SpecGuard off (or needs no draft) has one row,
+   drafted greedily as vLLM's own SD drafts; every other request has k;
 3. candidate 0 of each request uses the request's own block table and
    lookahead slots; candidates 1..k-1 read the shared prefix blocks through
    the block table and write into private scratch blocks: a copy of the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from vllm.forward_context import set_forward_context
@@ -39,9 +42,65 @@ logger = logging.getLogger("vllm.specguard")
 
 
 def _hash_seed(*parts) -> int:
-    """A 63-bit seed from any tuple of ints and lists (stable across processes)."""
+    """A 63-bit seed from any tuple of ints, strings and lists (stable across processes)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+_MASK32 = 0xFFFFFFFF
+_GREEDY_TEMPERATURE = 1e-5  # vLLM's own threshold: below it a request is sampled greedily
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 tensors of 32-bit values, in 16-bit halves (no overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection that spreads every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def keyed_uniforms(keys: torch.Tensor, candidates: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per row, a pure function of (request key, candidate, position).
+
+    A counter-based draw (int64 ``[R]`` inputs): no generator state, so a row's number
+    never depends on the other rows of the batch, and every rank and device computes
+    the same one.
+    """
+    h = _fmix32(keys & _MASK32)
+    for word in ((keys >> 32) & _MASK32, candidates & _MASK32, positions & _MASK32):
+        h = _fmix32(h ^ word)
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+@dataclass(frozen=True)
+class CandidateRows:
+    """The ragged candidate rows of one propose call: request ``i`` owns rows
+    ``starts[i] .. starts[i] + counts[i] - 1``, its candidate 0 first."""
+
+    counts: list[int]  # host: candidates per request
+    starts: list[int]  # host: first row of each request
+    counts_t: torch.Tensor  # [B] int64, on the device
+    starts_t: torch.Tensor  # [B] int64
+    req_of_row: torch.Tensor  # [R] int64: the request of each row
+    cand_of_row: torch.Tensor  # [R] int64: the candidate index of each row
+    keys: torch.Tensor  # [R] int64: the request's draft-randomness key
+    greedy: torch.Tensor | None  # [R] bool: rows drafted greedily (None: no such row)
+
+    @property
+    def rows(self) -> int:
+        return self.req_of_row.shape[0]
+
+
+def scratch_blocks_per_row(block_size: int, max_step: int) -> int:
+    """Scratch blocks one extra candidate needs: those positions p..p+K-1 can touch, plus one."""
+    return -(-(block_size - 1 + max_step) // block_size) + 1
 
 
 class SpecGuardDraftProposer(DraftModelProposer):
@@ -57,59 +116,105 @@ class SpecGuardDraftProposer(DraftModelProposer):
         self.row_hints: list[DraftRowHint] | None = None
         self._scratch_base: int | None = None
         self._scratch_blocks_per_row = 0
+        # Ids the draft may propose: the shared tokenizer's (set by the runner's SpecGuard
+        # state). A draft whose embedding is padded past it never proposes a padding id.
+        self.proposable_ids: int | None = None
         self._owner = runner
-        # One draft sampler per request, seeded from the config seed, the request's own
-        # seed and its prompt: the same request drafts the same candidates whatever else
-        # is in the batch, so a greedy request is reproducible under continuous batching.
-        self._seeds: dict[str, int] = {}
-        self._generators: list[torch.Generator] = []
+        # Each request's draft-randomness key (see _request_key), computed once.
+        self._request_keys: dict[str, int] = {}
 
     # ------------------------------------------------------------------ sampling
-    def _request_seed(self, req_id: str) -> int:
-        seed = self._seeds.get(req_id)
-        if seed is None:
-            seed = self.specguard.specguard.seed or 0
-            request = getattr(self._owner, "requests", {}).get(req_id)
-            if request is not None:
-                params = getattr(request, "sampling_params", None)
-                request_seed = getattr(params, "seed", None) or 0
-                prompt = getattr(request, "prompt_token_ids", None) or []
-                seed = _hash_seed(seed, request_seed, list(prompt))
-            self._seeds[req_id] = seed
-        return seed
+    def _request_key(self, req_id: str) -> int:
+        """The 63-bit key of a request's draft randomness, the same on every TP rank.
 
-    def _step_generators(self, req_ids: list[str], positions: list[int]) -> list[torch.Generator]:
-        """A fresh sampler per request and step, seeded by (request seed, step position).
-
-        The draws of one step therefore never depend on how many draws other steps
-        made, nor on which other requests share the batch (the batched loop keeps
-        drawing for a request whose candidates have already ended their step).
+        Seeded request: the config seed, its seed and its prompt, so it drafts the same
+        candidates on every run whatever else is in the batch (vLLM gives seeded n > 1
+        siblings seed + index). Unseeded greedy request (temperature 0): the config seed
+        and its prompt, so a greedy request writes the same text every time, as it does
+        without speculation. Unseeded sampled request: the config seed, the engine's seed
+        and the request id, which vLLM makes unique per request and per n > 1 sibling, so
+        repeats of a prompt draw independent candidates. Never per-process randomness,
+        which would make tensor-parallel ranks draft differently.
         """
-        generators = []
-        for req_id, position in zip(req_ids, positions):
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(_hash_seed(self._request_seed(req_id), position))
-            generators.append(generator)
-        return generators
+        key = self._request_keys.get(req_id)
+        if key is None:
+            config_seed = self.specguard.specguard.seed
+            request = getattr(self._owner, "requests", {}).get(req_id)
+            params = getattr(request, "sampling_params", None)
+            request_seed = getattr(params, "seed", None)
+            temperature = getattr(params, "temperature", None)
+            prompt = list(getattr(request, "prompt_token_ids", None) or [])
+            if request_seed is not None:
+                key = _hash_seed("seeded", config_seed, request_seed, prompt)
+            elif temperature is not None and temperature < _GREEDY_TEMPERATURE:
+                key = _hash_seed("greedy", config_seed, prompt)
+            else:
+                engine_seed = getattr(self.vllm_config.model_config, "seed", None)
+                key = _hash_seed("unseeded", config_seed, engine_seed, req_id)
+            self._request_keys[req_id] = key
+        return key
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
-            self._seeds.pop(req_id, None)
+            self._request_keys.pop(req_id, None)
 
-    def _sample(self, logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens at draft_temperature and their raw (T=1) draft log-probs; rows = request*k."""
+    def _candidate_rows(self, hints: list[DraftRowHint], req_ids: list[str], k: int,
+                        device: torch.device) -> CandidateRows:
+        """k rows per request; one for a request with SpecGuard off (drafted greedily, as
+        vLLM's SD drafts) or one that needs no draft. One host-to-device copy, no sync."""
+        counts = [1 if hint.opted_out or hint.needs_no_draft else k for hint in hints]
+        greedy = [int(hint.opted_out) for hint in hints]
+        host = torch.tensor([counts, greedy, [self._request_key(r) for r in req_ids]],
+                            dtype=torch.int64, pin_memory=device.type == "cuda")
+        counts_t, greedy_t, keys_t = host.to(device, non_blocking=True).unbind(0)
+        starts = [0] * len(counts)
+        for i in range(1, len(counts)):
+            starts[i] = starts[i - 1] + counts[i - 1]
+        rows = sum(counts)
+        req_of_row = torch.repeat_interleave(counts_t, output_size=rows)
+        starts_t = counts_t.cumsum(0) - counts_t
+        cand_of_row = torch.arange(rows, device=device) - starts_t[req_of_row]
+        return CandidateRows(
+            counts=counts, starts=starts, counts_t=counts_t, starts_t=starts_t,
+            req_of_row=req_of_row, cand_of_row=cand_of_row, keys=keys_t[req_of_row],
+            greedy=greedy_t.bool()[req_of_row] if any(greedy) else None)
+
+    def _sample(self, logits: torch.Tensor, cand: CandidateRows,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
+
+        Inverse-CDF sampling of all rows at once, each from its own keyed uniform
+        (``positions``: the position whose logits these are), so a request's draws
+        depend only on it; greedy rows take the argmax.
+        """
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
         temperature = self.specguard.specguard.draft_temperature
-        if temperature == 0.0:
-            tokens = logits.argmax(dim=-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-            for i, generator in enumerate(self._generators):
-                rows = slice(i * k, (i + 1) * k)
-                tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator).squeeze(-1)
+        if temperature > 0.0:
+            cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+            u = keyed_uniforms(cand.keys, cand.cand_of_row, positions)
+            sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+            sampled = sampled.squeeze(1).clamp_(max=logits.shape[1] - 1)
+            tokens = sampled if cand.greedy is None else torch.where(cand.greedy, tokens, sampled)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+    def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's logits over the tokenizer's ids only (columns past it are padding rows).
+
+        Dropping the columns is the mask: token ids keep their values, and softmax and
+        log-probs are those of the draft restricted to real tokens.
+        """
+        logits = self.model.compute_logits(hidden)
+        if self.proposable_ids is not None and logits.shape[-1] > self.proposable_ids:
+            logits = logits[:, : self.proposable_ids]
+        return logits
+
+    def _raise_if_vocab_size_mismatch(self):
+        """vLLM refuses any draft embedding size but the target's; a SpecGuard engine compared
+        the two tokenizers at start instead (``check_draft_vocab``) and masks padding ids."""
+        if specguard_from_additional_config(self.vllm_config.additional_config) is None:
+            super()._raise_if_vocab_size_mismatch()
 
     # ------------------------------------------------------------------ scratch KV
     def _draft_layers(self):
@@ -118,62 +223,84 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 if name.startswith("draft_model.") and isinstance(getattr(layer, "kv_cache", None),
                                                                    torch.Tensor)]
 
-    def ensure_scratch(self, num_candidates: int, max_step: int) -> None:
-        """Append private blocks for candidates 1..k-1 to every draft layer's KV tensor."""
-        if num_candidates <= 1 or self._scratch_base is not None:
-            return
-        layers = self._draft_layers()
-        if not layers:
-            raise RuntimeError("SpecGuard: no draft-model attention layers found for scratch KV")
-        bs = self.block_size
-        per_row = -(-(bs - 1 + max_step) // bs) + 1  # blocks positions p..p+K-1 can touch
-        rows = self.vllm_config.scheduler_config.max_num_seqs * (num_candidates - 1)
-        extra = rows * per_row
-        base = None
-        for _, layer in layers:
-            kv = layer.kv_cache
-            grown = torch.zeros((kv.shape[0] + extra, *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
-            grown[: kv.shape[0]].copy_(kv)
-            if base is None:
-                base = kv.shape[0]
-            elif base != kv.shape[0]:
-                raise RuntimeError("SpecGuard: draft layers disagree on the number of KV blocks")
-            layer.kv_cache = grown
-        self._scratch_base = base
-        self._scratch_blocks_per_row = per_row
-        mib = sum(layer.kv_cache[base:].numel() * layer.kv_cache.element_size()
-                  for _, layer in layers) / 2**20
-        logger.info("SpecGuard: %d scratch KV blocks per draft layer for %d candidates (%.1f MiB)",
-                    extra, num_candidates, mib)
+    def bind_scratch(self, num_blocks: int) -> int:
+        """Reserve the top blocks of vLLM's KV pool as the candidates' scratch; returns how many.
 
-    def _expanded_block_table(self, block_table: torch.Tensor, positions: torch.Tensor, k: int):
-        """Block table of B*k rows: candidates >= 1 get private tail/overflow blocks (COW)."""
-        expanded = block_table.repeat_interleave(k, dim=0).clone()
-        if k == 1:
+        Called once the KV cache exists, before any request (patch P14). The engine core
+        takes these blocks out of the scheduler's pool, so the scratch lives inside the
+        KV budget vLLM sized from free memory: nothing is allocated or copied here, and
+        block ids stay shared by every layer (the target's pages of these blocks go
+        unused). Sized for the configured k and K, every request drafting at once.
+        """
+        if self.specguard is None or self._scratch_base is not None:
+            return self.scratch_blocks
+        k = self.specguard.specguard.num_candidates
+        if k <= 1:
+            return 0
+        max_step = self.vllm_config.speculative_config.num_speculative_tokens
+        per_row = scratch_blocks_per_row(self.block_size, max_step)
+        reserved = self.vllm_config.scheduler_config.max_num_seqs * (k - 1) * per_row
+        if reserved > num_blocks - 2:  # the null block and one block for a request remain
+            raise ValueError(
+                f"SpecGuard: the KV cache holds {num_blocks} blocks, but the scratch KV of "
+                f"{k - 1} extra candidates for max_num_seqs="
+                f"{self.vllm_config.scheduler_config.max_num_seqs} requests needs {reserved} "
+                f"({per_row} blocks of {self.block_size} tokens per candidate). Give the KV cache "
+                "more memory, or lower max_num_seqs, num_candidates or num_speculative_tokens.")
+        self._scratch_base = num_blocks - reserved
+        self._scratch_blocks_per_row = per_row
+        draft_page = sum(layer.kv_cache[0].numel() * layer.kv_cache.element_size()
+                         for _, layer in self._draft_layers())
+        logger.info("SpecGuard: scratch KV for %d extra candidates x %d requests: %d of vLLM's %d "
+                    "KV blocks reserved at start (%.1f MiB of draft KV); the scheduler gets %d",
+                    k - 1, self.vllm_config.scheduler_config.max_num_seqs, reserved, num_blocks,
+                    reserved * draft_page / 2**20, num_blocks - reserved)
+        return reserved
+
+    @property
+    def scratch_blocks(self) -> int:
+        """Blocks reserved at the top of the KV pool for candidates 1..k-1 (0 for k = 1)."""
+        if self._scratch_base is None:
+            return 0
+        return self.vllm_config.scheduler_config.max_num_seqs * \
+            (self.specguard.specguard.num_candidates - 1) * self._scratch_blocks_per_row
+
+    def ensure_scratch(self, num_candidates: int, max_step: int) -> None:
+        """The scratch was reserved at start for the configured k and K (P14); check it."""
+        if num_candidates > 1 and self._scratch_base is None:
+            raise RuntimeError("SpecGuard: the k-candidate scratch KV was not reserved at start "
+                               "(GPUModelRunner.initialize_kv_cache patch P14 did not run)")
+
+    def _expanded_block_table(self, block_table: torch.Tensor, positions: torch.Tensor,
+                              cand: CandidateRows) -> torch.Tensor:
+        """Block table of the candidate rows: candidates >= 1 get private tail/overflow blocks.
+
+        Candidate 0 keeps its request's row (and lookahead slots). The e-th candidate >= 1
+        of the batch owns scratch blocks ``base + e*per_row ...``: a copy of its request's
+        tail block (copy-on-write), then overflow. All rows at once, in tensor ops.
+        """
+        expanded = block_table.index_select(0, cand.req_of_row)
+        num_extra = cand.rows - block_table.shape[0]
+        if num_extra == 0:
             return expanded
-        bs = self.block_size
-        per_row = self._scratch_blocks_per_row
-        num_reqs = block_table.shape[0]
-        tail_col = (positions // bs).to(torch.int64)  # [B] block holding the first draft slot
+        device, per_row = block_table.device, self._scratch_blocks_per_row
+        extra_counts = cand.counts_t - 1
+        req_of_extra = torch.repeat_interleave(extra_counts, output_size=num_extra)
+        extra = torch.arange(num_extra, device=device)
+        first_extra = extra_counts.cumsum(0) - extra_counts
+        row = cand.starts_t[req_of_extra] + 1 + extra - first_extra[req_of_extra]
+        tail_col = (positions[req_of_extra] // self.block_size).to(torch.int64)  # the bonus token's
+        scratch0 = self._scratch_base + extra * per_row
+        offsets = torch.arange(per_row, device=device)
+        # Columns past the table's width land in a padding that is cut off again.
         max_cols = block_table.shape[1]
-        layers = self._draft_layers()
-        src_blocks, dst_blocks = [], []
-        for i in range(num_reqs):
-            col = int(tail_col[i])
-            for c in range(1, k):
-                row = i * k + c
-                scratch0 = self._scratch_base + (i * (k - 1) + (c - 1)) * per_row
-                for t in range(per_row):
-                    if col + t < max_cols:
-                        expanded[row, col + t] = scratch0 + t
-                src_blocks.append(int(block_table[i, col]))
-                dst_blocks.append(scratch0)
-        if src_blocks:
-            src = torch.tensor(src_blocks, device=block_table.device, dtype=torch.int64)
-            dst = torch.tensor(dst_blocks, device=block_table.device, dtype=torch.int64)
-            for _, layer in layers:
-                layer.kv_cache.index_copy_(0, dst, layer.kv_cache.index_select(0, src))
-        return expanded
+        padded = torch.cat([expanded, expanded.new_zeros(cand.rows, per_row)], dim=1)
+        padded[row.unsqueeze(1), tail_col.unsqueeze(1) + offsets] = \
+            (scratch0.unsqueeze(1) + offsets).to(padded.dtype)
+        src = block_table[req_of_extra, tail_col].to(torch.int64)
+        for _, layer in self._draft_layers():
+            layer.kv_cache.index_copy_(0, scratch0, layer.kv_cache.index_select(0, src))
+        return padded[:, :max_cols].contiguous()
 
     # ------------------------------------------------------------------ propose
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,
@@ -208,27 +335,25 @@ class SpecGuardDraftProposer(DraftModelProposer):
             hidden = self.model(**model_kwargs)
         if isinstance(hidden, tuple):
             hidden = hidden[0]
-        first_logits = self.model.compute_logits(hidden[sample_idx])
+        first_logits = self._draft_logits(hidden[sample_idx])
         if K == 0:
             return torch.empty(num_reqs, 0, dtype=torch.int64, device=hidden.device)
 
-        rows = num_reqs * k
         req_ids = list(self._owner.input_batch.req_ids[:num_reqs]) if self._owner is not None \
             else [str(i) for i in range(num_reqs)]
-        if self.specguard.specguard.draft_temperature > 0.0:
-            bonus_positions = self.positions[sample_idx][:num_reqs].tolist()
-            self._generators = self._step_generators(req_ids, bonus_positions)
+        hints = self.row_hints if self.row_hints is not None and len(self.row_hints) == num_reqs \
+            else [DraftRowHint()] * num_reqs
+        cand = self._candidate_rows(hints, req_ids, k, hidden.device)
+        rows = cand.rows
+        positions = self.positions[sample_idx][:num_reqs].clone()  # position of the bonus token
+        row_positions = positions.to(torch.int64)[cand.req_of_row]  # where each row's draws are
         tokens_out = torch.zeros(rows, K, dtype=torch.int64, device=hidden.device)
         logprobs_out = torch.zeros(rows, K, dtype=torch.float32, device=hidden.device)
-        token, lp = self._sample(first_logits.repeat_interleave(k, dim=0), k)
+        token, lp = self._sample(first_logits[cand.req_of_row], cand, row_positions)
         tokens_out[:, 0], logprobs_out[:, 0] = token, lp
         length = 1
 
-        hints = self.row_hints if self.row_hints is not None and len(self.row_hints) == num_reqs \
-            else [DraftRowHint()] * num_reqs
-        done = self._rows_done(tokens_out, 1, hints, k)
-        if K > 1 and not all(done):
-            positions = self.positions[sample_idx][:num_reqs].clone()  # position of token 0
+        if K > 1 and not self._rows_done(tokens_out[:, :1], hints, cand):
             self.ensure_scratch(k, K)
             seq_lens = cad.seq_lens[:num_reqs].clone()
             block_table = cad.block_table_tensor[:num_reqs]
@@ -236,10 +361,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 num_reqs=rows, num_actual_tokens=rows, max_query_len=1,
                 query_start_loc=self.arange[: rows + 1],
                 query_start_loc_cpu=torch.arange(rows + 1, dtype=torch.int32),
-                seq_lens=seq_lens.repeat_interleave(k),
+                seq_lens=seq_lens[cand.req_of_row],
                 seq_lens_cpu_upper_bound=None if cad.seq_lens_cpu_upper_bound is None else
-                cad.seq_lens_cpu_upper_bound[:num_reqs].repeat_interleave(k),
-                block_table_tensor=self._expanded_block_table(block_table, positions, k),
+                cad.seq_lens_cpu_upper_bound[:num_reqs].repeat_interleave(
+                    torch.tensor(cand.counts), output_size=rows),
+                block_table_tensor=self._expanded_block_table(block_table, positions, cand),
                 slot_mapping=self._slot_mapping_buffer[:rows],
                 positions=None, is_prefilling=None, req_idx=None, dcp_local_seq_lens=None,
                 logits_indices_padded=None, num_logits_indices=None,
@@ -247,8 +373,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
             )
             if num_rejected_tokens_gpu is not None:
                 # In the padded first pass, seq_lens count rejected slots: drop them.
-                cad_e.seq_lens = cad_e.seq_lens - num_rejected_tokens_gpu[:num_reqs].repeat_interleave(k)
-            positions_e = positions.repeat_interleave(k)
+                cad_e.seq_lens = cad_e.seq_lens - num_rejected_tokens_gpu[:num_reqs][cand.req_of_row]
+            positions_e = positions[cand.req_of_row]
             mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
             for step in range(1, K):
                 positions_e = self._update_positions_dependent_metadata(
@@ -264,54 +390,65 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                         inputs_embeds=None)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
-                token, lp = self._sample(self.model.compute_logits(hidden[:rows]), k)
+                token, lp = self._sample(self._draft_logits(hidden[:rows]), cand,
+                                         row_positions + step)
                 tokens_out[:, step], logprobs_out[:, step] = token, lp
                 length = step + 1
-                done = self._rows_done(tokens_out[:, :length], length, hints, k)
-                if all(done):
+                if self._rows_done(tokens_out[:, :length], hints, cand):
                     break
 
-        chosen = self._select(tokens_out[:, :length], logprobs_out[:, :length], hints, k)
+        chosen = self._select(tokens_out[:, :length], logprobs_out[:, :length], hints, cand)
         if self.metrics is not None:
             # The first pass plus one batched pass per further position drafted.
-            self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length)
+            self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length,
+                                       candidate_rows=rows)
         return chosen
 
     def _step_end(self, candidate: list[int], open_step: list[int]) -> int | None:
         return None if self.segmenter is None else self.segmenter.step_length(candidate, prefix=open_step)
 
-    def _rows_done(self, tokens: torch.Tensor, length: int, hints: list[DraftRowHint],
-                   k: int) -> list[bool]:
-        """Per request: every candidate has ended its step (or no draft is needed).
+    def _rows_done(self, tokens: torch.Tensor, hints: list[DraftRowHint],
+                   cand: CandidateRows) -> bool:
+        """Every request's candidates have ended their step (or it needs no draft).
 
-        A request that drafts full rows (``fallback: speculative``: the tail past the step
-        is verified token-level) is done only at K tokens.
+        A request that drafts full rows (``fallback: speculative``, whose tail past the
+        step is verified token-level, or SpecGuard off) is done only at K tokens; then
+        the tokens are not even read back.
         """
         if self.segmenter is None:
-            return [False] * (tokens.shape[0] // k)
+            return False
+        pending = [i for i, hint in enumerate(hints) if not hint.needs_no_draft]
+        if not pending:
+            return True
+        if any(hints[i].drafts_past_step for i in pending):
+            return False
         as_list = tokens.tolist()
-        return [hint.needs_no_draft or (not hint.drafts_past_step and all(
-            self._step_end(as_list[i * k + c], hint.open_step) is not None for c in range(k)))
-            for i, hint in enumerate(hints)]
+        return all(self._step_end(as_list[row], hints[i].open_step) is not None
+                   for i in pending for row in range(cand.starts[i], cand.starts[i] + cand.counts[i]))
 
     def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, hints: list[DraftRowHint],
-                k: int) -> torch.Tensor:
-        """Keep the most central candidate per request; returns ``[B, K]`` (0-padded)."""
-        num_reqs = tokens.shape[0] // k
-        out = torch.zeros(num_reqs, self.num_speculative_tokens, dtype=torch.int64,
+                cand: CandidateRows) -> torch.Tensor:
+        """Keep the most central candidate per request; returns ``[B, K]`` (0-padded).
+
+        Candidates are compared on their step part only; a request with one row keeps it.
+        """
+        chosen = list(cand.starts)
+        several = [i for i, count in enumerate(cand.counts) if count > 1]
+        if several:
+            as_list, lp_list = tokens.tolist(), logprobs.tolist()
+            measure = self.specguard.specguard.selector
+            for i in several:
+                steps, loglik = [], []
+                for row in range(cand.starts[i], cand.starts[i] + cand.counts[i]):
+                    end = self._step_end(as_list[row], hints[i].open_step)
+                    n = len(as_list[row]) if end is None else end
+                    steps.append(as_list[row][:n])
+                    loglik.append(sum(lp_list[row][:n]))
+                chosen[i] += select_candidate(steps, loglik, measure)
+        index = cand.starts_t if not several else torch.tensor(
+            chosen, dtype=torch.int64, pin_memory=tokens.device.type == "cuda").to(
+                tokens.device, non_blocking=True)
+        out = torch.zeros(len(chosen), self.num_speculative_tokens, dtype=torch.int64,
                           device=tokens.device)
-        as_list, lp_list = tokens.tolist(), logprobs.tolist()
-        measure = self.specguard.specguard.selector
-        for i in range(num_reqs):
-            open_step = hints[i].open_step  # candidates are compared on their step part only
-            cands, loglik = [], []
-            for c in range(k):
-                cand = as_list[i * k + c]
-                end = self._step_end(cand, open_step)
-                n = len(cand) if end is None else end
-                cands.append(cand[:n])
-                loglik.append(sum(lp_list[i * k + c][:n]))
-            best = select_candidate(cands, loglik, measure) if k > 1 else 0
-            row = as_list[i * k + best]
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        out[:, : tokens.shape[1]] = tokens.index_select(0, index)
         return out

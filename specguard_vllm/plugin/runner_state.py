@@ -13,13 +13,17 @@ import torch
 
 from specguard_vllm.config import SpecGuardConfig, SpecGuardParams
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
+from specguard_vllm.plugin.config_bridge import (
+    check_grounding_attention,
+    specguard_from_additional_config,
+)
 from specguard_vllm.plugin.grounding_capture import (
     GROUNDING_BACKENDS,
     GroundingCapture,
+    TensorParallelRows,
     grounding_layer_names,
 )
-from specguard_vllm.plugin.request_params import resolve_request_params
+from specguard_vllm.plugin.request_params import resolve_opt_out, resolve_request_params
 from specguard_vllm.plugin.step_state import (
     NO_STEP,
     DraftRowHint,
@@ -68,6 +72,7 @@ class SpecGuardRunnerState:
                 "registered before the model runner is built?")
         runner.drafter.metrics = self.metrics
         runner.drafter.segmenter = self.segmenter
+        runner.drafter.proposable_ids = min(len(tokenizer), vocab_size)  # no padding ids
         runner.rejection_sampler = SpecGuardRejectionSampler(
             runner.sampler, runner.speculative_config, runner.device, state=self)
         logger.info("SpecGuard active: k=%d, tau=%.3f, beta=%.3f, %d grounding layers, delimiters=%r",
@@ -83,15 +88,19 @@ class SpecGuardRunnerState:
         return None if config is None else cls(runner, config)
 
     def request_params(self, req_id: str) -> SpecGuardParams:
-        """The request's knobs, resolved once and kept in its step state."""
+        """The request's knobs, resolved once and kept in its step state (with its opt-out)."""
         steps = self.steps.get(req_id)
         if steps.params is None:
             request = getattr(self.runner, "requests", {}).get(req_id)
             steps.params = resolve_request_params(request, self.config.specguard)
+            if resolve_opt_out(request):
+                self.steps.opt_out(req_id)
         return steps.params
 
     def _drafts_past_step(self, req_id: str) -> bool:
-        return self.request_params(req_id).fallback == "speculative"
+        """Draft to K tokens (as vLLM's SD does): fallback speculative, or SpecGuard off."""
+        params = self.request_params(req_id)
+        return params.fallback == "speculative" or self.steps.get(req_id).opted_out
 
     # ------------------------------------------------------------------ target forward
     def before_target_forward(self) -> None:
@@ -109,15 +118,22 @@ class SpecGuardRunnerState:
             self.capture = self._build_capture()
         self.capture.arm(list(num_draft_tokens))
 
+    def prepare_at_start(self, num_blocks: int) -> int:
+        """Once the KV cache exists, before any request: build the grounding capture (refusing
+        attention it cannot read) and reserve the candidates' scratch KV; returns its blocks."""
+        if self.capture is None:
+            self.capture = self._build_capture()
+        return self.runner.drafter.bind_scratch(num_blocks)
+
     def _build_capture(self) -> GroundingCapture:
         context = self.runner.compilation_config.static_forward_context
         positions = grounding_layer_names(context.keys(), self.config.specguard.grounding_layers)
         backend = context[next(iter(positions))].attn_backend.get_name()
-        if backend not in GROUNDING_BACKENDS:
-            raise RuntimeError(
-                f"SpecGuard grounding reads the paged K cache of backends {GROUNDING_BACKENDS}; "
-                f"this engine uses {backend}. Choose one with --attention-backend.")
-        capture = GroundingCapture(positions, self.config.specguard.attention_sparsity, backend)
+        for name in positions:  # refused at start (P14), before any request
+            check_grounding_attention(name, context[name].attn_backend.get_name(),
+                                      context[name].impl, GROUNDING_BACKENDS)
+        capture = GroundingCapture(positions, self.config.specguard.attention_sparsity, backend,
+                                   TensorParallelRows.for_runner(self.runner, len(positions)))
         capture.attach_to(context[name] for name in positions)
         logger.info("SpecGuard grounding layers (%s): %s", backend, sorted(positions, key=positions.get))
         return capture
@@ -143,11 +159,12 @@ class SpecGuardRunnerState:
         """What the proposer needs per row of this batch (open step, mode, fallback)."""
         hints = []
         for req_id in self.runner.input_batch.req_ids[:self.runner.input_batch.num_reqs]:
+            drafts_past_step = self._drafts_past_step(req_id)  # resolves the opt-out first
             request_state = self.steps.get(req_id)
             hints.append(DraftRowHint(
                 open_step=list(request_state.open_step),
                 needs_no_draft=request_state.mode is StepMode.REGENERATING,
-                drafts_past_step=self._drafts_past_step(req_id)))
+                drafts_past_step=drafts_past_step, opted_out=request_state.opted_out))
         return hints
 
     def truncate_drafts(self, drafts):
@@ -162,7 +179,10 @@ class SpecGuardRunnerState:
         rows = []
         for req_id, row in zip(req_ids, drafts.tolist()):
             truncated = self.steps.truncate_draft(req_id, row, keep_tail=self._drafts_past_step(req_id))
-            self.draft_step_lens.record(req_id, truncated.step_len)
+            # The proposed step's length (the whole row unless it has a tail), so the verifier
+            # can tell a step the scheduler truncated.
+            step_len = len(truncated.tokens) if truncated.step_len is None else truncated.step_len
+            self.draft_step_lens.record(req_id, step_len)
             rows.append(truncated.tokens)
         return rows
 

@@ -29,6 +29,7 @@ class StepMode(enum.Enum):
     DRAFTING = "drafting"  # draft a step; the verifier judges it
     REGENERATING = "regenerating"  # fallback "target": the target writes the rest of the step
     TOKEN_LEVEL = "token_level"  # fallback "speculative": token-level SD until the step ends
+    # (a request that turned SpecGuard off stays here until it finishes: vLLM's own SD)
 
 
 class Verdict(enum.Enum):
@@ -83,6 +84,7 @@ class DraftRowHint:
     open_step: list[int] = field(default_factory=list)  # committed tokens of the open step
     needs_no_draft: bool = False  # regenerating: the target writes the rest of the step
     drafts_past_step: bool = False  # fallback "speculative": draft to K tokens, not to the step end
+    opted_out: bool = False  # SpecGuard off: one greedy candidate, as vLLM's own SD drafts
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class RequestSteps:
     mode: StepMode = StepMode.DRAFTING
     open_step: list[int] = field(default_factory=list)  # committed tokens of the unfinished step
     params: SpecGuardParams | None = None  # the request's knobs (the runner state keeps them)
+    opted_out: bool = False  # SpecGuard off (vllm_xargs): token-level SD, no steps, to the end
 
 
 class StepStateTable:
@@ -118,6 +121,13 @@ class StepStateTable:
         for req_id in req_ids:
             self._requests.pop(req_id, None)
 
+    def opt_out(self, req_id: str) -> None:
+        """Run the request as vLLM's own SD: every row token-level, no step ever judged."""
+        state = self.get(req_id)
+        state.opted_out = True
+        state.mode = StepMode.TOKEN_LEVEL
+        state.open_step = []
+
     def _push_target_token(self, state: RequestSteps, token: int) -> None:
         if self.segmenter.step_length([token], prefix=state.open_step) is not None:
             state.open_step = []
@@ -134,6 +144,8 @@ class StepStateTable:
         if not tokens:
             return  # a partial prefill chunk: nothing committed
         state = self.get(req_id)
+        if state.opted_out:
+            return  # SpecGuard off: no steps to follow, token-level throughout
         if row.verdict is Verdict.TOKEN_LEVEL:
             state.mode = StepMode.TOKEN_LEVEL
             for token in tokens:

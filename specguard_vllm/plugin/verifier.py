@@ -13,6 +13,17 @@ those go through vLLM's own rejection sampler in one call: rejected rows and fin
 rows on the real logits; accepted rows with a tail on logits whose step positions are
 forced to the drafted token (so their step is kept and only the tail is judged
 token-level, losslessly).
+
+Request constraints (SPECGUARD.md 2.6) hold for every committed token: a draft that the
+request's *processed* distribution forbids (probability 0 after everything vLLM applies to
+the target's logits, with the preceding drafts as context: grammar bitmask,
+allowed_token_ids, bad_words, min_tokens, thinking budget, top-k/top-p) is never committed.
+An accepted step is cut just before its first forbidden token; the step is its drafts up to
+there, and vLLM's sampler, with those positions forced, rejects the forbidden draft and
+samples the target's own token from the processed distribution in its place. A row the
+scheduler truncated (fewer drafts scheduled than the proposed step: token budget,
+``max_model_len``, grammar validation) is not judged as if whole: it is verified
+token-level, losslessly, and its step stays open.
 The output keeps vLLM's encoding (``-1`` padding), so the scheduler's
 bookkeeping and its spec-decode counters need no change.
 """
@@ -25,8 +36,10 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from vllm.v1.outputs import SamplerOutput
+from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
 from vllm.v1.sample.rejection_sampler import (
     PLACEHOLDER_TOKEN_ID,
     RejectionSampler,
@@ -34,12 +47,33 @@ from vllm.v1.sample.rejection_sampler import (
 )
 
 from specguard_vllm.core.decision import StepDecision, decide_steps
-from specguard_vllm.core.grounding import rollout_grounding_min
+from specguard_vllm.core.grounding import ragged_step_stats, rollout_grounding_min
 from specguard_vllm.kernels.dispatch import step_min_logprob
+from specguard_vllm.plugin.grounding_capture import tensor_parallel_rank_and_size
 from specguard_vllm.plugin.step_state import StepMode, StepVerdicts, row_verdict
 
 if TYPE_CHECKING:
     from specguard_vllm.plugin.runner_state import SpecGuardRunnerState
+
+
+def _layer_statistics(capture, num_rows_t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prefix_mass [m, T], block [m, T, K])`` of this forward's T step rows, per layer.
+
+    TP=1: the layers' fused statistics (only this batch's rows: the buffers are sized for
+    the largest batch). TP>1: every layer's head-average shares summed over the TP group in
+    one all_reduce, then thresholded as the fused path does; called on every rank whenever
+    rows were captured, so the ranks always meet in the collective.
+    """
+    tp = capture.tensor_parallel
+    if tp is None:
+        batch = capture.batch
+        return (torch.stack([pm[:num_rows_t] for pm in batch.prefix_mass]),
+                torch.stack([blk[:num_rows_t] for blk in batch.block]))
+    from vllm.distributed import get_tp_group
+
+    averages = get_tp_group().all_reduce(tp.rows)  # [m, T, keys]: heads of every rank
+    return ragged_step_stats(averages, tp.prefix_lens, tp.step_index, capture.sparsity,
+                             tp.max_step_len)
 
 
 class SpecGuardRejectionSampler(RejectionSampler):
@@ -51,10 +85,15 @@ class SpecGuardRejectionSampler(RejectionSampler):
         self.state = state
         self.specguard = state.config
         self.runner = state.runner
-        self.metrics = state.metrics
+        # Every TP rank decides alike; rank 0 alone counts, so /metrics counts each step once.
+        rank, _ = tensor_parallel_rank_and_size()
+        self.metrics = state.metrics if rank == 0 else None
         # Optional JSONL log of every verified step (for `specguard trace --engine vllm`
         # and the differential tests): request id, context length, drafted tokens, scores.
+        # TP rank r > 0 writes ``<log>.tp<r>``, so the ranks' decisions can be compared.
         self.decision_log = os.environ.get("SPECGUARD_DECISION_LOG") or None
+        if self.decision_log and rank > 0:
+            self.decision_log = f"{self.decision_log}.tp{rank}"
 
     # ---------------------------------------------------------------- per request
     def _request_params(self, req_ids: list[str]):
@@ -70,32 +109,33 @@ class SpecGuardRejectionSampler(RejectionSampler):
     def _in_token_level_mode(self, req_ids: list[str]) -> list[bool]:
         return [self.state.steps.get(req_id).mode is StepMode.TOKEN_LEVEL for req_id in req_ids]
 
-    def _step_lengths(self, req_ids: list[str], num_drafts: list[int]) -> list[int]:
-        """Per row, how many of its drafted tokens form the step (the rest is a tail)."""
-        lengths = []
+    def _step_lengths(self, req_ids: list[str], num_drafts: list[int]) -> tuple[list[int], list[int]]:
+        """Per row, how many of its scheduled drafts form the step (the rest is a tail), and
+        how long the proposed step was: longer than the row when the scheduler truncated it
+        (token budget, ``max_model_len``, grammar validation)."""
+        lengths, proposed = [], []
         for i, n in enumerate(num_drafts):
             req_id = req_ids[i] if i < len(req_ids) else None
             step_len = None
             if n > 0 and req_id is not None:
                 step_len = self.state.draft_step_lens.take(req_id)
-            # The scheduler may have scheduled fewer drafts than were proposed.
-            lengths.append(n if step_len is None else min(step_len, n))
-        return lengths
+            step_len = n if step_len is None else step_len
+            lengths.append(min(step_len, n))
+            proposed.append(step_len)
+        return lengths, proposed
 
     def _grounding(self, metadata, device, step_lens: list[int]) -> torch.Tensor | None:
         """G_min per row, one batched rollout for all requests (no per-request host sync)."""
         capture = self.state.capture
         if capture is None or not capture.complete_for(metadata.num_draft_tokens):
             return None
-        batch = capture.batch
         n_max = max(step_lens, default=0)
-        num_rows_t = sum(metadata.num_draft_tokens) if batch.prefix_mass else 0
-        if n_max == 0 or num_rows_t == 0:
+        num_rows_t = sum(metadata.num_draft_tokens) if capture.batch.prefix_mass else 0
+        stats = _layer_statistics(capture, num_rows_t) if num_rows_t else None
+        if n_max == 0 or stats is None:
             g_min = torch.ones(len(step_lens), dtype=torch.float32, device=device)
         else:
-            # Only this batch's rows: the capture's buffers are sized for the largest batch.
-            masses = torch.stack([pm[:num_rows_t] for pm in batch.prefix_mass])  # [m, T]
-            blocks = torch.stack([blk[:num_rows_t] for blk in batch.block])  # [m, T, K]
+            masses, blocks = stats  # [m, T], [m, T, K]
             src = masses.device
             # Rollout is causal: a step's positions never depend on the tail after it,
             # so only the first step_lens[i] rows and columns of request i are read.
@@ -116,13 +156,13 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
     # ---------------------------------------------------------------- forward
     @staticmethod
-    def _step_positions(num_drafts: list[int], step_lens: list[int], rows, device) -> torch.Tensor:
-        """Indices into the flat draft-token arrays of the step positions of ``rows``."""
-        starts = [0]
-        for n in num_drafts[:-1]:
-            starts.append(starts[-1] + n)
-        flat = [starts[i] + j for i in rows for j in range(step_lens[i])]
-        return torch.tensor(flat, dtype=torch.int64, device=device)
+    def _prefix_positions(num_drafts: list[int], lengths) -> torch.Tensor:
+        """Indices into the flat draft-token arrays of the first ``lengths[i]`` positions of
+        each row ``i`` (vectorised on the host: no loop over requests)."""
+        num_drafts = np.asarray(num_drafts, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        shift = (np.cumsum(num_drafts) - num_drafts) - (np.cumsum(lengths) - lengths)
+        return torch.from_numpy(np.repeat(shift, lengths) + np.arange(int(lengths.sum())))
 
     def _step_min_logprob(self, metadata, logits, step_lens: list[int], device) -> torch.Tensor:
         """LPBV per row over its step's positions only, in one pass over the vocabulary
@@ -131,7 +171,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         rows = metadata.target_logits_indices
         token_ids = metadata.draft_token_ids
         if list(step_lens) != list(n_list):  # some rows carry a tail: keep step positions
-            index = self._step_positions(list(n_list), step_lens, range(len(n_list)), device)
+            index = self._prefix_positions(list(n_list), step_lens).to(device)
             rows, token_ids = rows[index], token_ids[index]
         lengths = torch.tensor(step_lens, dtype=torch.int64, device=device)
         cu = torch.zeros(len(step_lens) + 1, dtype=torch.int64, device=device)
@@ -140,25 +180,86 @@ class SpecGuardRejectionSampler(RejectionSampler):
                                     rows=rows)
         return torch.where(lengths > 0, l_min, torch.zeros_like(l_min))
 
-    def _forced_step_logits(self, logits, metadata, rows: list[int], step_lens: list[int]):
-        """A copy of ``logits`` where the step positions of ``rows`` can only be their draft.
+    @staticmethod
+    def _may_forbid(sampling_metadata) -> bool:
+        """Whether any request of the batch has a constraint that can give a token probability 0
+        besides the grammar bitmask (already in the logits): the cheap test that spares the
+        vocabulary-wide processing otherwise."""
+        sm = sampling_metadata
+        if sm.allowed_token_ids_mask is not None or sm.bad_words_token_ids:
+            return True
+        if not sm.all_greedy and (sm.top_k is not None or sm.top_p is not None):
+            return True
+        if any(isinstance(p, MinTokensLogitsProcessor) and p.min_toks
+               for p in sm.logitsprocs.non_argmax_invariant):
+            return True
+        holder = sm.thinking_budget_state_holder
+        return holder is not None and holder.has_tracked_requests()
 
-        vLLM's rejection sampler then keeps those steps with probability 1 (greedy or not)
-        and judges only the tails after them, token by token.
+    def _first_forbidden(self, metadata, logits, sampling_metadata, num_drafts: torch.Tensor,
+                         step_lens: torch.Tensor) -> torch.Tensor:
+        """Per row, the first step position whose draft the request's processed distribution
+        forbids (probability 0), else the step's length: where an accepted step is cut.
+
+        "Processed" is what vLLM's own token-level verification applies to the target's logits,
+        with the preceding drafts as context (``apply_logits_processors``: allowed_token_ids,
+        bad_words, min_tokens, the thinking budget; ``apply_sampling_constraints``: top-k/top-p
+        of sampled requests), on top of the grammar bitmask the runner already wrote into
+        ``logits``. One batched pass over this batch's draft positions; ``logits`` is not changed.
         """
-        index = self._step_positions(list(metadata.num_draft_tokens), step_lens, rows,
-                                     logits.device)
-        positions = metadata.target_logits_indices[index]
-        tokens = metadata.draft_token_ids[index].to(torch.int64)
-        forced = logits.clone()
-        forced[positions] = float("-inf")
-        forced[positions, tokens] = 0.0
-        return forced
+        drafts = metadata.draft_token_ids.to(torch.int64)
+        if drafts.numel() == 0:  # vLLM builds spec-decode metadata for draft-less batches too
+            return step_lens
+        target_rows = metadata.target_logits_indices
+        if self._may_forbid(sampling_metadata):
+            # Indexing copies the draft rows, so the processors may work in place.
+            processed = self.apply_logits_processors(
+                logits[target_rows].to(torch.float32), sampling_metadata, metadata)
+            processed = apply_sampling_constraints(
+                processed, metadata.cu_num_draft_tokens, sampling_metadata)
+            chosen = processed.gather(1, drafts.unsqueeze(1)).squeeze(1)
+        else:
+            chosen = logits[target_rows, drafts]
+        forbidden = torch.isneginf(chosen)  # [T]
+        device = logits.device
+        num_tokens = drafts.shape[0]
+        row = torch.repeat_interleave(torch.arange(len(num_drafts), device=device), num_drafts,
+                                      output_size=num_tokens)
+        within = torch.arange(num_tokens, device=device) - (torch.cumsum(num_drafts, 0) - num_drafts)[row]
+        row_step_len = step_lens[row]
+        at = torch.where(forbidden & (within < row_step_len), within, row_step_len)
+        return step_lens.scatter_reduce(0, row, at, reduce="amin", include_self=True)
+
+    def _token_level_rows(self, metadata, draft_probs, logits, sampling_metadata,
+                          forced_lens: list[int]) -> torch.Tensor:
+        """vLLM's own token-level rejection sampling (lossless) of every row, with the first
+        ``forced_lens[i]`` positions of row ``i`` forced to their drafts, so they are kept with
+        probability 1 (greedy or not) and the row is judged token-level from there: after an
+        accepted step (its tail), or at a forbidden token that cuts it. A forced position is never
+        a forbidden one (its row would be all -inf). The forced rows are written into ``logits``
+        and restored afterwards: only they are copied."""
+        positions = saved = None
+        if any(forced_lens):
+            index = self._prefix_positions(list(metadata.num_draft_tokens), forced_lens)
+            index = index.to(logits.device)
+            positions = metadata.target_logits_indices[index]
+            tokens = metadata.draft_token_ids[index].to(torch.int64)
+            saved = logits[positions]
+            logits[positions] = float("-inf")
+            logits[positions, tokens] = 0.0
+        try:
+            stock = super().forward(metadata, draft_probs, logits,
+                                    replace(sampling_metadata, max_num_logprobs=None))
+        finally:
+            if positions is not None:
+                logits[positions] = saved
+        return stock.sampled_token_ids.to(torch.int32)
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
         num_rows = len(metadata.num_draft_tokens)
         req_ids = list(self.runner.input_batch.req_ids[:num_rows])
-        step_lens = self._step_lengths(req_ids, list(metadata.num_draft_tokens))
+        n_list = list(metadata.num_draft_tokens)
+        step_lens, proposed = self._step_lengths(req_ids, n_list)
         g_min = self._grounding(metadata, logits.device, step_lens)
         if g_min is None:
             # Warm-up / profiling runs with dummy metadata: nothing was captured.
@@ -166,23 +267,36 @@ class SpecGuardRejectionSampler(RejectionSampler):
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
         started = time.perf_counter()
         device = logits.device
-        num_drafts = torch.tensor(metadata.num_draft_tokens, dtype=torch.int64, device=device)
+        num_drafts = torch.tensor(n_list, dtype=torch.int64, device=device)
         step_lens_t = torch.tensor(step_lens, dtype=torch.int64, device=device)
         has_step = num_drafts > 0
         l_min = self._step_min_logprob(metadata, logits, step_lens, device)
+        cut = self._first_forbidden(metadata, logits, sampling_metadata, num_drafts, step_lens_t)
 
         taus, betas, speculative = self._request_params(req_ids)
         score, accepted = decide_steps(
             l_min, g_min, tau=torch.tensor(taus, device=device), beta=torch.tensor(betas, device=device),
             lpbv_floor=self.specguard.specguard.lpbv_floor)
-        # Rows finishing a rejected step token-level are not judged as steps again.
+        # Rows finishing a rejected step token-level are not judged as steps again, nor are
+        # steps the scheduler truncated (fewer drafts scheduled than the step has): those are
+        # verified token-level and the step stays open.
         finishing = torch.tensor(self._in_token_level_mode(req_ids), dtype=torch.bool, device=device)
         finishing = finishing | (has_step & (step_lens_t == 0))
-        accepted = accepted & has_step & ~finishing
-        rejected = has_step & ~accepted & ~finishing
-        token_level = has_step & (finishing | (rejected & torch.tensor(speculative, device=device)))
+        truncated = has_step & ~finishing & (torch.tensor(proposed, device=device) > num_drafts)
+        judged = has_step & ~finishing & ~truncated
+        accepted = accepted & judged
+        rejected = judged & ~accepted
+        token_level = has_step & (
+            finishing | truncated | (rejected & torch.tensor(speculative, device=device)))
         rejected = rejected & ~token_level
-        with_tail = accepted & (step_lens_t < num_drafts)
+        # Accepted rows with a tail, or with a forbidden token in the step, keep their step up
+        # to ``cut`` and are verified token-level from there.
+        forced = accepted & (cut < num_drafts)
+        # One host read for every per-row outcome.
+        flags = torch.stack([accepted, rejected, token_level, truncated, forced, judged])
+        *flags, cut_list = torch.cat([flags.to(torch.int64), cut.unsqueeze(0)]).tolist()
+        accepted_list, rejected_list, token_level_list, truncated_list, forced_list, judged_list = (
+            [bool(v) for v in row] for row in flags)
 
         # Tokens: the bonus row for accepted / draft-less rows, the step's first
         # position for rejected rows (the target's own token there).
@@ -192,7 +306,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
                                  sampling_metadata=no_logprobs, predict_bonus_token=True,
                                  logprobs_mode_override=mode)
         next_tokens = bonus_out.sampled_token_ids[:, 0].clone()
-        if bool(rejected.any()):
+        if any(rejected_list):
             starts = metadata.cu_num_sampled_tokens.to(device, torch.int64) - (num_drafts + 1)
             first_out = self.sampler(logits=logits[starts], sampling_metadata=no_logprobs,
                                      predict_bonus_token=False, logprobs_mode_override=mode)
@@ -200,26 +314,18 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
         width = metadata.max_spec_len + 1
         out = torch.full((num_rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
-        token_level_list = token_level.tolist()
-        tail_list = with_tail.tolist()
         token_rows = None
-        if any(token_level_list) or any(tail_list):
-            # vLLM's own token-level rejection sampling (lossless), one call for every row
-            # that needs it; accepted steps with a tail get their step positions forced.
-            stock_logits = logits
-            if any(tail_list):
-                stock_logits = self._forced_step_logits(
-                    logits, metadata, [i for i, t in enumerate(tail_list) if t], step_lens)
-            stock = super().forward(metadata, draft_probs, stock_logits,
-                                    replace(sampling_metadata, max_num_logprobs=None))
-            token_rows = stock.sampled_token_ids.to(torch.int32)
+        if any(token_level_list) or any(forced_list):
+            # One call of vLLM's own sampler for every row that needs it.
+            token_rows = self._token_level_rows(
+                metadata, draft_probs, logits, sampling_metadata,
+                [c if f else 0 for c, f in zip(cut_list, forced_list)])
         draft_lists = metadata.draft_token_ids.tolist()
-        accepted_list, n_list = accepted.tolist(), metadata.num_draft_tokens
         next_list = next_tokens.tolist()
         offset = 0
         for i in range(num_rows):
             n = n_list[i]
-            if token_level_list[i] or tail_list[i]:
+            if token_level_list[i] or forced_list[i]:
                 out[i, : token_rows.shape[1]] = token_rows[i]
             elif accepted_list[i]:
                 out[i, :n] = torch.tensor(draft_lists[offset: offset + n], dtype=torch.int32)
@@ -242,25 +348,28 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
         decisions: list[StepDecision | None] = []
         l_list, g_list, s_list = l_min.tolist(), g_min.tolist(), score.tolist()
-        finishing_list = finishing.tolist()
         for i in range(num_rows):
-            judged = n_list[i] > 0 and not finishing_list[i]
             decisions.append(StepDecision(l_list[i], g_list[i], s_list[i], bool(accepted_list[i]))
-                             if judged else None)
+                             if judged_list[i] else None)
+        # An accepted step's committed part ends at its cut; a truncated row is no step
+        # verdict (its tokens extend the open step, which keeps its mode).
         self.state.verdicts = StepVerdicts(req_ids, [
-            row_verdict(decisions[i], token_level_list[i], step_lens[i]) for i in range(num_rows)])
+            row_verdict(decisions[i], token_level_list[i] and not truncated_list[i], cut_list[i])
+            for i in range(num_rows)])
         if self.decision_log:
-            self._log_decisions(req_ids, decisions, draft_lists, n_list, step_lens,
-                                token_level_list, out)
+            self._log_decisions(req_ids, decisions, draft_lists, n_list, step_lens, cut_list,
+                                token_level_list, proposed, truncated_list, out)
         if self.metrics is not None:
             self.metrics.observe_verification(decisions, time.perf_counter() - started)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
-    def _log_decisions(self, req_ids, decisions, draft_lists, n_list, step_lens, token_level,
-                       out) -> None:
-        """One line per verified row: ``kind`` "step" (judged: scores and decision) or
-        "token" (finishing a rejected step token-level); ``committed`` is how many tokens
-        the row committed (kept drafts plus the target's own last token)."""
+    def _log_decisions(self, req_ids, decisions, draft_lists, n_list, step_lens, cut, token_level,
+                       proposed, truncated, out) -> None:
+        """One line per verified row: ``kind`` "step" (judged: scores, decision, and for an
+        accepted step ``committed_step``, its drafts committed before a forbidden token cut it)
+        or "token" (verified token-level: finishing a rejected step, or a step the scheduler
+        truncated, then with ``truncated_step``, the step's proposed length); ``committed`` is
+        how many tokens the row committed (kept drafts plus the target's own last token)."""
         context_lens = self.runner.input_batch.num_tokens_no_spec
         committed = (out != PLACEHOLDER_TOKEN_ID).sum(dim=1).tolist()
         lines, offset = [], 0
@@ -269,11 +378,14 @@ class SpecGuardRejectionSampler(RejectionSampler):
             entry = {"req_id": req_ids[i], "context_len": int(context_lens[i]),
                      "drafted": draft_lists[offset: offset + n], "committed": int(committed[i])}
             if decision is not None:
+                kept = {"committed_step": cut[i]} if decision.accepted else {}
                 lines.append(json.dumps({
-                    "kind": "step", **entry, "step_len": step_lens[i], "lpbv": decision.lpbv,
-                    "abgv": decision.abgv, "score": decision.score, "accepted": decision.accepted}))
+                    "kind": "step", **entry, "step_len": step_lens[i], **kept,
+                    "lpbv": decision.lpbv, "abgv": decision.abgv, "score": decision.score,
+                    "accepted": decision.accepted}))
             elif n > 0 and token_level[i]:
-                lines.append(json.dumps({"kind": "token", **entry}))
+                extra = {"truncated_step": proposed[i]} if truncated[i] else {}
+                lines.append(json.dumps({"kind": "token", **entry, **extra}))
             offset += n
         if lines:
             with open(self.decision_log, "a", encoding="utf-8") as log:

@@ -1,0 +1,259 @@
+"""Draft randomness per request and the per-request opt-out, without an engine.
+
+The proposer's pieces are run on a bare instance (no vLLM config): keyed draws,
+ragged candidate rows, the copy-on-write block table, the selection of one row per
+request; then the opt-out's validation and its step bookkeeping.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from specguard_vllm.config import (
+    ConfigError,
+    SpecGuardParams,
+    apply_request_overrides,
+    request_opts_out,
+)
+from specguard_vllm.core.steps import StepSegmenter
+from specguard_vllm.plugin.proposer import SpecGuardDraftProposer, keyed_uniforms
+from specguard_vllm.plugin.request_params import resolve_opt_out
+from specguard_vllm.plugin.step_state import (
+    NO_STEP,
+    DraftRowHint,
+    RowVerdict,
+    StepMode,
+    StepStateTable,
+    Verdict,
+)
+
+VOCAB = ["a", "b", "\n", "</s>"]
+
+
+def segmenter() -> StepSegmenter:
+    return StepSegmenter(lambda ids: "".join(VOCAB[i] for i in ids), 4, ["\n"], [3])
+
+
+def proposer(requests=None, *, k=4, temperature=0.7, config_seed=0, engine_seed=0,
+             block_size=4, scratch_base=100, scratch_per_row=2, layers=()):
+    """A SpecGuardDraftProposer with only what the candidate code reads."""
+    p = SpecGuardDraftProposer.__new__(SpecGuardDraftProposer)
+    p.specguard = SimpleNamespace(specguard=SpecGuardParams(
+        num_candidates=k, draft_temperature=temperature, seed=config_seed))
+    p.vllm_config = SimpleNamespace(model_config=SimpleNamespace(seed=engine_seed))
+    p._owner = SimpleNamespace(requests=requests or {})
+    p._request_keys = {}
+    p.segmenter = segmenter()
+    p.num_speculative_tokens = 6
+    p.block_size = block_size
+    p._scratch_base = scratch_base
+    p._scratch_blocks_per_row = scratch_per_row
+    p._draft_layers = lambda: list(layers)
+    return p
+
+
+def request(seed=None, prompt=(1, 2, 3), extra_args=None, temperature=0.8):
+    return SimpleNamespace(prompt_token_ids=list(prompt), sampling_params=SimpleNamespace(
+        seed=seed, extra_args=extra_args, temperature=temperature))
+
+
+# ------------------------------------------------------------------ keyed draws
+
+def test_keyed_uniforms_are_a_function_of_key_candidate_and_position_only():
+    keys = torch.tensor([5, 5, 5, 7, (1 << 62) + 3], dtype=torch.int64)
+    cands = torch.tensor([0, 1, 0, 0, 2])
+    positions = torch.tensor([10, 10, 11, 10, 4000])
+    u = keyed_uniforms(keys, cands, positions)
+    assert u.dtype == torch.float32 and bool(((u > 0) & (u < 1)).all())
+    assert len(set(u.tolist())) == 5  # a different candidate, position or key: another draw
+    for i in range(5):  # the same row alone: the same draw
+        assert keyed_uniforms(keys[i:i + 1], cands[i:i + 1], positions[i:i + 1]).item() == u[i].item()
+    many = keyed_uniforms(torch.arange(20000, dtype=torch.int64) * 7919, torch.zeros(20000, dtype=torch.int64),
+                          torch.full((20000,), 3, dtype=torch.int64))
+    counts = torch.histc(many, bins=10, min=0, max=1)
+    assert counts.min() > 1800 and counts.max() < 2200  # 2000 expected per decile
+
+
+def test_request_keys_seeded_by_seed_and_prompt_unseeded_by_request_id_and_engine_seed():
+    requests = {"a-1": request(seed=3), "b-2": request(seed=3), "c-3": request(seed=4),
+                "d-4": request(seed=0), "e-5": request(), "f-6": request(), "0_g-7": request(),
+                "1_g-7": request(), "h-8": request(seed=3, prompt=(9,))}
+    p = proposer(requests)
+    key = p._request_key
+    assert key("a-1") == key("b-2")  # seeded: reproducible, whatever the request id
+    assert len({key("a-1"), key("c-3"), key("d-4"), key("e-5"), key("h-8")}) == 5  # seed 0 is a seed
+    assert key("e-5") != key("f-6")  # unseeded repeats of a prompt: independent
+    assert key("0_g-7") != key("1_g-7")  # unseeded n > 1 siblings: independent
+    # Another engine seed moves unseeded draws only; the config seed moves both.
+    other_engine, other_config = proposer(requests, engine_seed=1), proposer(requests, config_seed=1)
+    assert other_engine._request_key("a-1") == key("a-1")
+    assert other_engine._request_key("e-5") != key("e-5")
+    assert other_config._request_key("a-1") != key("a-1")
+    # The same on every process: nothing per-process enters the key.
+    assert proposer(requests)._request_key("e-5") == key("e-5")
+    p.forget(["a-1"])
+    assert "a-1" not in p._request_keys
+
+
+def test_unseeded_greedy_requests_are_keyed_by_prompt_so_they_are_reproducible():
+    requests = {"a-1": request(temperature=0.0), "b-2": request(temperature=0.0),
+                "c-3": request(temperature=0.0, prompt=(4,)), "d-4": request(temperature=0.5),
+                "e-5": request(temperature=0.0, seed=3), "f-6": request(seed=3)}
+    p = proposer(requests)
+    key = p._request_key
+    assert key("a-1") == key("b-2")  # repeats of a greedy prompt: the same text every time
+    assert len({key("a-1"), key("c-3"), key("d-4")}) == 3
+    assert key("e-5") == key("f-6")  # a seed wins, whatever the temperature
+    assert proposer(requests, engine_seed=5)._request_key("a-1") == key("a-1")
+    assert proposer(requests, config_seed=5)._request_key("a-1") != key("a-1")
+
+
+def test_candidate_rows_are_ragged_with_one_greedy_row_for_an_opted_out_request():
+    p = proposer({"r0": request(), "r1": request(), "r2": request(), "r3": request()})
+    hints = [DraftRowHint(), DraftRowHint(opted_out=True), DraftRowHint(needs_no_draft=True),
+             DraftRowHint()]
+    cand = p._candidate_rows(hints, ["r0", "r1", "r2", "r3"], 4, torch.device("cpu"))
+    assert cand.counts == [4, 1, 1, 4] and cand.starts == [0, 4, 5, 6] and cand.rows == 10
+    assert cand.req_of_row.tolist() == [0, 0, 0, 0, 1, 2, 3, 3, 3, 3]
+    assert cand.cand_of_row.tolist() == [0, 1, 2, 3, 0, 0, 0, 1, 2, 3]
+    assert cand.greedy.tolist() == [False] * 4 + [True] + [False] * 5
+    assert cand.keys.tolist()[:4] == [p._request_key("r0")] * 4
+    uniform = p._candidate_rows([DraftRowHint()] * 2, ["r0", "r1"], 3, torch.device("cpu"))
+    assert uniform.greedy is None and uniform.cand_of_row.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_sampling_draws_each_row_from_its_own_key_whatever_the_batch():
+    p = proposer({f"r{i}": request() for i in range(3)}, temperature=0.7)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=gen) * 2
+    hints = [DraftRowHint(), DraftRowHint(opted_out=True), DraftRowHint()]
+    cand = p._candidate_rows(hints, ["r0", "r1", "r2"], 4, torch.device("cpu"))
+    positions = torch.tensor([7, 9, 12], dtype=torch.int64)[cand.req_of_row]
+    tokens, logprobs = p._sample(logits[cand.req_of_row], cand, positions)
+    assert tokens[4].item() == logits[1].argmax().item()  # the opted-out row: greedy
+    assert torch.allclose(logprobs, torch.log_softmax(logits[cand.req_of_row], -1)
+                          .gather(1, tokens.unsqueeze(1)).squeeze(1))
+    alone = p._candidate_rows(hints[2:], ["r2"], 4, torch.device("cpu"))
+    tokens_alone, _ = p._sample(logits[2:].repeat(4, 1), alone, torch.full((4,), 12))
+    assert tokens_alone.tolist() == tokens[5:].tolist()
+
+
+def test_sampled_tokens_follow_the_tempered_draft_distribution():
+    n = 4000
+    requests = {f"r{i}": request() for i in range(n)}
+    p = proposer(requests, k=1, temperature=0.5)
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, -30.0]])
+    cand = p._candidate_rows([DraftRowHint()] * n, list(requests), 1, torch.device("cpu"))
+    tokens, _ = p._sample(logits.expand(n, -1), cand, torch.zeros(n, dtype=torch.int64))
+    freq = torch.bincount(tokens, minlength=5).float() / n
+    expected = torch.softmax(logits[0] / 0.5, -1)
+    assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+    assert freq[4] == 0
+
+
+# ------------------------------------------------------------------ ragged expansion
+
+def reference_block_table(block_table, positions, counts, block_size, base, per_row):
+    """The expansion written out row by row (what the tensor code must equal)."""
+    rows, extra = [], 0
+    for i, count in enumerate(counts):
+        rows.append(block_table[i].tolist())
+        for _ in range(1, count):
+            row = block_table[i].tolist()
+            col = int(positions[i]) // block_size
+            for t in range(per_row):
+                if col + t < len(row):
+                    row[col + t] = base + extra * per_row + t
+            rows.append(row)
+            extra += 1
+    return rows
+
+
+@pytest.mark.parametrize("counts", [[4, 4, 4], [4, 1, 4], [1, 1, 1], [1, 4, 1]])
+def test_ragged_block_table_gives_private_copy_on_write_blocks_to_candidates_above_zero(counts):
+    block_size, base, per_row = 4, 20, 2
+    kv = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)  # [blocks, ...] of one layer
+    layer = SimpleNamespace(kv_cache=kv.clone())
+    p = proposer(block_size=block_size, scratch_base=base, scratch_per_row=per_row,
+                 layers=[("draft_model.layers.0", layer)])
+    block_table = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=torch.int32)
+    positions = torch.tensor([5, 11, 0], dtype=torch.int64)  # tail columns 1, 2 (the last), 0
+    hints = [DraftRowHint(opted_out=count == 1) for count in counts]
+    cand = p._candidate_rows(hints, ["a", "b", "c"], 4, torch.device("cpu"))
+    expanded = p._expanded_block_table(block_table, positions, cand)
+    assert expanded.dtype == block_table.dtype and expanded.is_contiguous()
+    assert expanded.tolist() == reference_block_table(block_table, positions, counts, block_size,
+                                                      base, per_row)
+    extra = 0
+    for i, count in enumerate(counts):  # each candidate's first scratch block copies the tail
+        tail = int(block_table[i, int(positions[i]) // block_size])
+        for _ in range(1, count):
+            assert torch.equal(layer.kv_cache[base + extra * per_row], kv[tail])
+            extra += 1
+    untouched = [b for b in range(40) if not base <= b < base + extra * per_row]
+    assert torch.equal(layer.kv_cache[untouched], kv[untouched])
+
+
+def test_select_keeps_a_single_row_and_picks_among_k():
+    p = proposer(k=3)
+    hints = [DraftRowHint(opted_out=True), DraftRowHint()]
+    cand = p._candidate_rows(hints, ["a", "b"], 3, torch.device("cpu"))
+    # Request b: candidates "a a \n", "b \n", "a a \n": the two agreeing ones are central.
+    tokens = torch.tensor([[1, 1, 1], [0, 0, 2], [1, 2, 0], [0, 0, 2]])
+    logprobs = torch.zeros(4, 3)
+    out = p._select(tokens, logprobs, hints, cand)
+    assert out.shape == (2, 6)
+    assert out[0, :3].tolist() == [1, 1, 1] and out[1, :3].tolist() == [0, 0, 2]
+    assert out[:, 3:].eq(0).all()
+
+
+def test_rows_done_waits_for_k_tokens_when_any_request_drafts_past_its_step():
+    p = proposer(k=2)
+    ended = torch.tensor([[2], [2], [2]])
+    step_hints = [DraftRowHint(), DraftRowHint()]
+    cand = p._candidate_rows(step_hints, ["a", "b"], 2, torch.device("cpu"))
+    assert not p._rows_done(torch.tensor([[2], [0], [2], [2]]), step_hints, cand)
+    assert p._rows_done(torch.tensor([[2], [2], [2], [2]]), step_hints, cand)
+    mixed = [DraftRowHint(), DraftRowHint(opted_out=True, drafts_past_step=True)]
+    cand = p._candidate_rows(mixed, ["a", "b"], 2, torch.device("cpu"))
+    assert not p._rows_done(ended, mixed, cand)  # the opted-out row runs on to K tokens
+    idle = [DraftRowHint(needs_no_draft=True)]
+    assert p._rows_done(ended[:1], idle, p._candidate_rows(idle, ["a"], 2, torch.device("cpu")))
+
+
+# ------------------------------------------------------------------ the opt-out
+
+@pytest.mark.parametrize("value, off", [(False, True), (True, False), (0, True), (1, False)])
+def test_opt_out_accepts_booleans_and_the_0_1_vllm_server_turns_them_into(value, off):
+    assert request_opts_out({"specguard": value, "tau": 0.3}) is off
+    assert resolve_opt_out(request(extra_args={"specguard": value})) is off
+
+
+@pytest.mark.parametrize("value", ["false", "off", 2, 0.0, None, [False]])
+def test_bad_opt_out_is_refused_naming_the_key(value):
+    with pytest.raises(ConfigError, match=r"specguard: must be true or false"):
+        request_opts_out({"specguard": value})
+    with pytest.raises(ConfigError, match=r"specguard: must be true or false"):
+        apply_request_overrides(SpecGuardParams(), {"specguard": value})
+
+
+def test_no_opt_out_by_default():
+    assert request_opts_out({}) is False and request_opts_out({"specguard_tau": 0.2}) is False
+    assert resolve_opt_out(request()) is False and resolve_opt_out(None) is False
+
+
+def test_opted_out_request_stays_token_level_and_drafts_whole_rows():
+    steps = StepStateTable(segmenter())
+    steps.after_sampling("r", [0], NO_STEP)  # prefill, before its knobs are resolved
+    steps.opt_out("r")
+    for row in ([1, 2, 0, 1], [2, 2], [0, 3]):
+        draft = steps.truncate_draft("r", row + [1, 1], keep_tail=True)
+        assert draft.step_len == 0  # nothing in the row is judged as a step
+        cut = row if 3 not in row else row[: row.index(3) + 1]
+        assert draft.tokens == (cut + [1, 1] if 3 not in row else cut)
+        steps.after_sampling("r", row, RowVerdict(Verdict.TOKEN_LEVEL))
+        state = steps.get("r")
+        assert state.mode is StepMode.TOKEN_LEVEL and state.opted_out and state.open_step == []
