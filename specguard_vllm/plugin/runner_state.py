@@ -73,6 +73,10 @@ class SpecGuardRunnerState:
         runner.drafter.metrics = self.metrics
         runner.drafter.segmenter = self.segmenter
         runner.drafter.proposable_ids = min(len(tokenizer), vocab_size)  # no padding ids
+        if runner.device.type == "cpu":
+            from specguard_vllm.plugin.patches import fix_cpu_expand_batch_to_tokens
+
+            fix_cpu_expand_batch_to_tokens()  # P15
         runner.rejection_sampler = SpecGuardRejectionSampler(
             runner.sampler, runner.speculative_config, runner.device, state=self)
         logger.info("SpecGuard active: k=%d, tau=%.3f, beta=%.3f, %d grounding layers, delimiters=%r",
