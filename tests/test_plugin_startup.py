@@ -165,7 +165,7 @@ def target_model_config(path: Path):
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(path).vocab_size
-    return SimpleNamespace(tokenizer=str(path), trust_remote_code=False,
+    return SimpleNamespace(model=str(path), tokenizer=str(path), trust_remote_code=False,
                            get_vocab_size=lambda: vocab)
 
 
@@ -187,16 +187,27 @@ def test_draft_vocab_check_compares_tokenizers_not_embedding_sizes(tiny_pair):
     assert f"vocabulary size {target.get_vocab_size()}" in str(info.value)
 
 
-def test_vllm_equal_size_check_is_skipped_only_inside_a_specguard_config_build():
-    from specguard_vllm.plugin.config_bridge import draft_tokenizer_checked, tokenizer_was_checked
+def test_vllm_equal_size_check_is_skipped_only_for_a_pair_whose_tokenizers_were_compared(
+        tiny_pair, monkeypatch):
+    from specguard_vllm.plugin import config_bridge
+    from specguard_vllm.plugin.config_bridge import check_draft_vocab
     from specguard_vllm.plugin.patches import SpeculativeConfigPatch
 
+    monkeypatch.setattr(config_bridge, "_CHECKED_PAIRS", set())
+    target = target_model_config(tiny_pair["target"])
     calls = []
-    spec = SimpleNamespace(_orig_verify_equal_vocab_size_if_draft_model=lambda: calls.append(1))
-    SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec)
-    with draft_tokenizer_checked():
-        SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec)
-    assert calls == [1] and not tokenizer_was_checked()
+
+    def spec(draft):
+        return SimpleNamespace(target_model_config=target,
+                               draft_model_config=SimpleNamespace(model=str(draft)),
+                               _orig_verify_equal_vocab_size_if_draft_model=lambda: calls.append(1))
+
+    SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec(tiny_pair["padded_draft"]))
+    assert calls == [1]  # not compared yet: vLLM's check runs
+    check_draft_vocab(str(tiny_pair["padded_draft"]), target)
+    SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec(tiny_pair["padded_draft"]))
+    SpeculativeConfigPatch.verify_equal_vocab_size_if_draft_model(spec(tiny_pair["draft"]))
+    assert calls == [1, 1]  # the compared pair skips it; another draft does not
 
 
 def test_proposer_drops_padding_columns_of_the_draft_logits():

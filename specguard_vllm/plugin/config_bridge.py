@@ -12,8 +12,6 @@ point (``EngineArgs.create_speculative_config``, patch P2), before any weights l
 from __future__ import annotations
 
 import argparse
-import contextlib
-import contextvars
 import json
 import logging
 import os
@@ -120,29 +118,35 @@ def check_draft_vocab(draft: str, target_model_config) -> None:
         raise ValueError(
             f"SpecGuard: the draft's vocabulary size {draft_vocab} ({draft}) is smaller than its "
             f"tokenizer ({tokens} tokens): the draft cannot embed every token the target writes")
+    _CHECKED_PAIRS.add((str(target_model_config.model), str(draft)))
     if draft_vocab != target_vocab:
         logger.info("SpecGuard: draft vocabulary size %d, target's %d, one tokenizer of %d tokens: "
                     "the draft proposes ids below %d only", draft_vocab, target_vocab, tokens,
                     min(tokens, target_vocab))
 
 
-_TOKENIZER_CHECKED: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "specguard_tokenizer_checked", default=False)
+# (target, draft) model pairs whose tokenizers check_draft_vocab found equal in this process.
+_CHECKED_PAIRS: set[tuple[str, str]] = set()
 
 
-@contextlib.contextmanager
-def draft_tokenizer_checked():
-    """While vLLM builds a SpecGuard engine's speculative config: its draft's tokenizer was
-    compared with the target's, so vLLM's equal-embedding-size check is not needed (P13)."""
-    token = _TOKENIZER_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _TOKENIZER_CHECKED.reset(token)
+def _model_pair(speculative_config) -> tuple[str, str]:
+    target = getattr(getattr(speculative_config, "target_model_config", None), "model", None)
+    draft = getattr(getattr(speculative_config, "draft_model_config", None), "model", None)
+    return str(target), str(draft)
 
 
-def tokenizer_was_checked() -> bool:
-    return _TOKENIZER_CHECKED.get()
+def trust_engine_pair(speculative_config) -> None:
+    """In a worker of a SpecGuard engine: its pair was compared by P2 in the front end (a
+    SpecGuard engine config exists only after that), but the worker re-validates copies of
+    the config (the draft's ``VllmConfig``), so the pair is recorded here too."""
+    _CHECKED_PAIRS.add(_model_pair(speculative_config))
+
+
+def tokenizers_were_checked(speculative_config) -> bool:
+    """Whether this draft's tokenizer was compared with this target's (P2), so vLLM's
+    equal-embedding-size check is not needed (P13). Keyed by the pair, not by a scope:
+    vLLM re-validates the speculative config inside ``VllmConfig`` after P2 returned."""
+    return _model_pair(speculative_config) in _CHECKED_PAIRS
 
 
 def check_grounding_layers(layers: int, target_model_config) -> None:

@@ -30,8 +30,8 @@ Front end (API server / ``LLM`` process):
   P3b ``GenerateBaseServing._log_inputs``: the same check in the OpenAI server before
      ``engine_client.generate`` (which is lazy), so a bad override is a 400 even for a
      streamed request, whose 200 would otherwise already be sent.
-  P13 ``SpeculativeConfig.verify_equal_vocab_size_if_draft_model``: skipped while P2
-     builds a SpecGuard engine's config (P2 compared the tokenizers instead), so drafts
+  P13 ``SpeculativeConfig.verify_equal_vocab_size_if_draft_model``: skipped for a
+     (target, draft) pair whose tokenizers P2 compared in this process, so drafts
      whose embedding is padded to another size are served; the proposer's own override
      of ``DraftModelProposer._raise_if_vocab_size_mismatch`` does the same in the worker.
 Worker (model runner):
@@ -119,7 +119,6 @@ class EngineArgsPatch(VllmPatch):
             check_grounding_layers,
             check_kv_cache_dtype,
             check_parallelism,
-            draft_tokenizer_checked,
             force_gpu_settings,
             is_specguard,
             load_if_path,
@@ -146,9 +145,8 @@ class EngineArgsPatch(VllmPatch):
             self.additional_config = additional
             force_gpu_settings(self)
             enable_worker_metrics()
-            with draft_tokenizer_checked():  # P13: padded draft vocabularies pass
-                return self._orig_create_speculative_config(target_model_config,
-                                                            target_parallel_config)
+            return self._orig_create_speculative_config(target_model_config,
+                                                        target_parallel_config)
         self.speculative_config = spec
         return self._orig_create_speculative_config(target_model_config, target_parallel_config)
 
@@ -164,9 +162,9 @@ class SpeculativeConfigPatch(VllmPatch):
         never proposes padding ids. Every other engine keeps vLLM's check. Written for
         vLLM 0.32 (called from the ``SpeculativeConfig`` validator).
         """
-        from specguard_vllm.plugin.config_bridge import tokenizer_was_checked
+        from specguard_vllm.plugin.config_bridge import tokenizers_were_checked
 
-        if not tokenizer_was_checked():
+        if not tokenizers_were_checked(self):
             self._orig_verify_equal_vocab_size_if_draft_model()
 
 
@@ -331,6 +329,8 @@ class GPUModelRunnerPatch(VllmPatch):
         core takes out of the scheduler's pool. vLLM 0.32 calls this from
         ``Worker.initialize_from_config`` (``CPUModelRunner`` through ``super()``).
         """
+        if self.specguard_state is not None:
+            self.specguard_state.refuse_unreadable_attention()  # before vLLM's own KV set-up
         self._orig_initialize_kv_cache(kv_cache_config, is_profiling, *args, **kwargs)
         if self.specguard_state is not None and not is_profiling:
             self.specguard_state.prepare_at_start(self.kv_cache_config.num_blocks)

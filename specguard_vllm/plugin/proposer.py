@@ -35,7 +35,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from specguard_vllm.core.selector import select_candidate
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
+from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.step_state import DraftRowHint
 
 logger = logging.getLogger("vllm.specguard")
@@ -109,6 +109,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
     def __init__(self, vllm_config, device, runner=None):
         super().__init__(vllm_config=vllm_config, device=device, runner=runner)
         self.specguard = specguard_from_additional_config(vllm_config.additional_config)
+        if self.specguard is not None:
+            trust_engine_pair(vllm_config.speculative_config)  # P13 in this worker
         # Set by the runner's SpecGuard state: the step segmenter and metrics once, the
         # hints of this batch's rows before each propose.
         self.segmenter: StepSegmenter | None = None

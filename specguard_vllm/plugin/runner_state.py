@@ -119,6 +119,7 @@ class SpecGuardRunnerState:
     def arm_grounding(self, num_draft_tokens) -> None:
         """Arm the capture for this forward's verification rows (built the first time)."""
         if self.capture is None:
+            self.refuse_unreadable_attention()
             self.capture = self._build_capture()
         self.capture.arm(list(num_draft_tokens))
 
@@ -126,16 +127,28 @@ class SpecGuardRunnerState:
         """Once the KV cache exists, before any request: build the grounding capture (refusing
         attention it cannot read) and reserve the candidates' scratch KV; returns its blocks."""
         if self.capture is None:
+            self.refuse_unreadable_attention()
             self.capture = self._build_capture()
         return self.runner.drafter.bind_scratch(num_blocks)
 
-    def _build_capture(self) -> GroundingCapture:
+    def _grounding_layers(self) -> tuple[dict, dict[str, int]]:
         context = self.runner.compilation_config.static_forward_context
-        positions = grounding_layer_names(context.keys(), self.config.specguard.grounding_layers)
-        backend = context[next(iter(positions))].attn_backend.get_name()
-        for name in positions:  # refused at start (P14), before any request
+        return context, grounding_layer_names(context.keys(), self.config.specguard.grounding_layers)
+
+    def refuse_unreadable_attention(self) -> None:
+        """Refuse, before vLLM builds the KV cache, grounding layers whose attention the capture
+        cannot reproduce (backend, sliding window, ALiBi, soft-capping, quantised cache): vLLM's
+        own KV set-up would otherwise fail first on some of them with a message about its
+        internals (a sliding-window target: "All drafting layers should belong to the same kv
+        cache group")."""
+        context, positions = self._grounding_layers()
+        for name in positions:
             check_grounding_attention(name, context[name].attn_backend.get_name(),
                                       context[name].impl, GROUNDING_BACKENDS)
+
+    def _build_capture(self) -> GroundingCapture:
+        context, positions = self._grounding_layers()
+        backend = context[next(iter(positions))].attn_backend.get_name()
         capture = GroundingCapture(positions, self.config.specguard.attention_sparsity, backend,
                                    TensorParallelRows.for_runner(self.runner, len(positions)))
         capture.attach_to(context[name] for name in positions)
