@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ from specguard_vllm.plugin.step_state import (
     StepStateTable,
     Verdict,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 GOOD = {"method": "specguard", "model": "some/draft", "num_speculative_tokens": 8,
         "specguard": {"tau": 0.6}}
@@ -237,12 +240,18 @@ def test_request_overrides_are_validated_by_specguard_engines_only():
         return SimpleNamespace(_orig__validate_params=lambda params, *a, **k: None,
                                vllm_config=SimpleNamespace(additional_config=additional_config))
 
-    specguard, plain = processor({"specguard": {}}), processor(None)
+    from vllm.exceptions import VLLMValidationError
+
+    from specguard_vllm.config import load_config
+    from specguard_vllm.plugin.config_bridge import to_vllm_speculative_config
+
+    _, block = to_vllm_speculative_config(load_config(REPO / "configs" / "specguard.yaml"))
+    specguard, plain = processor({"specguard": block}), processor(None)
     validate = InputProcessor._validate_params
     validate(specguard, SamplingParams(extra_args={"tau": 0.9, "beta": 0.1, "other_plugin_key": "x"}))
-    with pytest.raises(ValueError, match=r"vllm_xargs\.tau"):
+    with pytest.raises(VLLMValidationError, match=r"vllm_xargs\.tau"):  # an HTTP 400
         validate(specguard, SamplingParams(extra_args={"tau": -0.5}))
-    with pytest.raises(ValueError, match=r"vllm_xargs\.beta"):
+    with pytest.raises(VLLMValidationError, match=r"vllm_xargs\.beta"):
         validate(specguard, SamplingParams(extra_args={"specguard_beta": 7}))
     # Another plugin's "tau" means something else: an engine without SpecGuard never reads it.
     validate(plain, SamplingParams(extra_args={"tau": "nucleus", "fallback": 3}))
