@@ -88,9 +88,10 @@ def assert_same_steps(engine_steps, reference_steps, tol=1e-3):
                 assert e[key] == pytest.approx(r[key], abs=tol)
 
 
-def median_step_score(target, draft, texts, tmp_path) -> float:
+def median_step_score(target, draft, texts, tmp_path, **specguard) -> float:
     """A tau that splits this pair's step scores in two, so both outcomes occur."""
-    probe = write_config(tmp_path / "probe.json", draft, num_candidates=1, draft_temperature=0.0, tau=0.0)
+    probe = write_config(tmp_path / "probe.json", draft, num_candidates=1, draft_temperature=0.0,
+                         tau=0.0, **specguard)
     traces, _ = reference_traces(target, probe, texts)
     scores = sorted(s["score"] for line in traces for s in line["steps"] if s["score"] is not None)
     # Midpoint of the gap between neighbouring scores nearest the median, so no step's score
@@ -115,6 +116,29 @@ def test_engine_decisions_and_text_equal_reference_k1_greedy(tiny_pair, tmp_path
     for e, r in zip(engine, reference):
         assert e["text"] == r["text"], e["prompt"]
         assert_same_steps(e["steps"], r["steps"])
+
+
+def test_beta_one_skips_grounding_and_keeps_the_reference_decisions(tiny_pair, tmp_path):
+    """beta = 1 on every request: the engine runs no grounding capture (ABGV is reported as
+    missing) and its decisions, scores and text are still the reference decoder's."""
+    texts = prompts(12, seed=3)
+    tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path, beta=1.0)
+    config = write_config(tmp_path / "beta1.json", tiny_pair["draft"], num_candidates=1,
+                          draft_temperature=0.0, tau=tau, beta=1.0)
+    engine = trace(tiny_pair["target"], config, texts, tmp_path)
+    reference, _ = reference_traces(tiny_pair["target"], config, texts)
+    judged = [s for line in engine for s in line["steps"] if s["accepted"] is not None]
+    assert {s["accepted"] for s in judged} == {True, False}
+    assert all(s["abgv"] is None for s in judged)
+    for e, r in zip(engine, reference, strict=True):
+        assert e["text"] == r["text"], e["prompt"]
+        assert [(s["source"], s["accepted"], s["tokens"]) for s in e["steps"]] == \
+            [(s["source"], s["accepted"], s["tokens"]) for s in r["steps"]]
+        for es, rs in zip(e["steps"], r["steps"]):
+            for key in ("lpbv", "score"):
+                assert (es[key] is None) == (rs[key] is None)
+                if rs[key] is not None:
+                    assert es[key] == pytest.approx(rs[key], abs=1e-3)
 
 
 def test_engine_k4_every_step_rescored_by_reference_verifier(tiny_pair, tmp_path):

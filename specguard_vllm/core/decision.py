@@ -14,7 +14,7 @@ class StepDecision:
     """Everything the verifier decided about one step, for traces and metrics."""
 
     lpbv: float  # L_min, the raw minimum log-prob
-    abgv: float  # G_min, in [0, 1]
+    abgv: float | None  # G_min, in [0, 1]; None where the engine skipped grounding (beta = 1)
     score: float
     accepted: bool
 

@@ -73,7 +73,8 @@ class SpecGuardMetrics:
                 decision = "accepted" if d.accepted else "rejected"
                 self.steps.labels(self._model, decision).inc()
                 self.lpbv.labels(self._model).observe(max(d.lpbv, -1e9))
-                self.abgv.labels(self._model).observe(d.abgv)
+                if d.abgv is not None:  # None: grounding skipped (beta = 1)
+                    self.abgv.labels(self._model).observe(d.abgv)
                 self.score.labels(self._model).observe(d.score)
                 if d.accepted:
                     self.counters.steps_accepted += 1

@@ -63,6 +63,7 @@ class SpecGuardRunnerState:
         self.draft_step_lens = DraftStepLengths()
         self.verdicts: StepVerdicts | None = None  # this engine step's, from the verifier
         self.capture: GroundingCapture | None = None  # built on the first verification
+        self.grounding_skipped = False  # this forward's rows all have beta = 1: no capture
         self.metrics = get_metrics(model_config.served_model_name
                                    if isinstance(model_config.served_model_name, str)
                                    else str(model_config.model))
@@ -111,17 +112,36 @@ class SpecGuardRunnerState:
         if self.capture is not None:
             self.capture.clear()
         self.verdicts = None
+        self.grounding_skipped = False  # set again by arm_grounding for verification forwards
 
     def after_target_forward(self) -> None:
         if self.capture is not None:
             self.capture.disarm()
 
     def arm_grounding(self, num_draft_tokens) -> None:
-        """Arm the capture for this forward's verification rows (built the first time)."""
+        """Arm the capture for this forward's verification rows (built the first time).
+
+        Not armed when no drafted row's score reads grounding (beta = 1 for every request
+        with drafts, e.g. the latency-calibrated config): then no layer runs the capture
+        kernels and the verifier scores on LPBV alone (``grounding_skipped``). Every TP rank
+        sees the same requests and knobs, so all skip together.
+        """
         if self.capture is None:
             self.refuse_unreadable_attention()
             self.capture = self._build_capture()
-        self.capture.arm(list(num_draft_tokens))
+        num_draft_tokens = list(num_draft_tokens)
+        self.grounding_skipped = not self._batch_reads_grounding(num_draft_tokens)
+        if self.grounding_skipped:
+            self.capture.clear()
+        else:
+            self.capture.arm(num_draft_tokens)
+
+    def _batch_reads_grounding(self, num_draft_tokens: list[int]) -> bool:
+        req_ids = self.runner.input_batch.req_ids[: len(num_draft_tokens)]
+        if len(req_ids) != len(num_draft_tokens):  # dummy / profiling runs: capture as usual
+            return True
+        return any(n > 0 and self.request_params(req_id).beta < 1.0
+                   for req_id, n in zip(req_ids, num_draft_tokens))
 
     def prepare_at_start(self, num_blocks: int) -> int:
         """Once the KV cache exists, before any request: build the grounding capture (refusing

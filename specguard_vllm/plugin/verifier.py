@@ -230,6 +230,32 @@ class SpecGuardRejectionSampler(RejectionSampler):
         at = torch.where(forbidden & (within < row_step_len), within, row_step_len)
         return step_lens.scatter_reduce(0, row, at, reduce="amin", include_self=True)
 
+    @staticmethod
+    def _assemble(metadata, num_drafts: torch.Tensor, accepted: torch.Tensor,
+                  from_token_rows: torch.Tensor, next_tokens: torch.Tensor,
+                  token_rows: torch.Tensor | None) -> torch.Tensor:
+        """The sampler's output ``[B, max_spec_len + 1]`` in tensor ops (no loop over rows):
+        an accepted step's drafts then the target's token; a rejected step or a draft-less
+        row, the target's token alone; rows verified token-level, vLLM's own result."""
+        device = num_drafts.device
+        num_rows = num_drafts.shape[0]
+        width = metadata.max_spec_len + 1
+        drafts = metadata.draft_token_ids.to(device=device, dtype=torch.int32)
+        out = torch.full((num_rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
+        plain_accept = accepted & ~from_token_rows
+        if drafts.numel():
+            row = torch.repeat_interleave(torch.arange(num_rows, device=device), num_drafts,
+                                          output_size=drafts.shape[0])
+            within = torch.arange(drafts.shape[0], device=device) - \
+                (torch.cumsum(num_drafts, 0) - num_drafts)[row]
+            kept = plain_accept[row]
+            out[row[kept], within[kept]] = drafts[kept]
+        next_col = torch.where(plain_accept, num_drafts, torch.zeros_like(num_drafts))
+        out[torch.arange(num_rows, device=device), next_col] = next_tokens.to(torch.int32)
+        if token_rows is not None:
+            out = torch.where(from_token_rows.unsqueeze(1), token_rows[:, :width].to(torch.int32), out)
+        return out
+
     def _token_level_rows(self, metadata, draft_probs, logits, sampling_metadata,
                           forced_lens: list[int]) -> torch.Tensor:
         """vLLM's own token-level rejection sampling (lossless) of every row, with the first
@@ -260,7 +286,11 @@ class SpecGuardRejectionSampler(RejectionSampler):
         req_ids = list(self.runner.input_batch.req_ids[:num_rows])
         n_list = list(metadata.num_draft_tokens)
         step_lens, proposed = self._step_lengths(req_ids, n_list)
-        g_min = self._grounding(metadata, logits.device, step_lens)
+        skipped = self.state.grounding_skipped
+        if skipped:  # beta = 1 on every drafted row: the score never reads G
+            g_min = torch.ones(num_rows, dtype=torch.float32, device=logits.device)
+        else:
+            g_min = self._grounding(metadata, logits.device, step_lens)
         if g_min is None:
             # Warm-up / profiling runs with dummy metadata: nothing was captured.
             self.state.verdicts = None
@@ -312,27 +342,14 @@ class SpecGuardRejectionSampler(RejectionSampler):
                                      predict_bonus_token=False, logprobs_mode_override=mode)
             next_tokens = torch.where(rejected, first_out.sampled_token_ids[:, 0], next_tokens)
 
-        width = metadata.max_spec_len + 1
-        out = torch.full((num_rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         token_rows = None
         if any(token_level_list) or any(forced_list):
             # One call of vLLM's own sampler for every row that needs it.
             token_rows = self._token_level_rows(
                 metadata, draft_probs, logits, sampling_metadata,
                 [c if f else 0 for c, f in zip(cut_list, forced_list)])
-        draft_lists = metadata.draft_token_ids.tolist()
-        next_list = next_tokens.tolist()
-        offset = 0
-        for i in range(num_rows):
-            n = n_list[i]
-            if token_level_list[i] or forced_list[i]:
-                out[i, : token_rows.shape[1]] = token_rows[i]
-            elif accepted_list[i]:
-                out[i, :n] = torch.tensor(draft_lists[offset: offset + n], dtype=torch.int32)
-                out[i, n] = next_list[i]
-            else:
-                out[i, 0] = next_list[i]
-            offset += n
+        out = self._assemble(metadata, num_drafts, accepted, token_level | forced, next_tokens,
+                             token_rows)
 
         logprobs_tensors = None
         if sampling_metadata.max_num_logprobs is not None:
@@ -349,15 +366,15 @@ class SpecGuardRejectionSampler(RejectionSampler):
         decisions: list[StepDecision | None] = []
         l_list, g_list, s_list = l_min.tolist(), g_min.tolist(), score.tolist()
         for i in range(num_rows):
-            decisions.append(StepDecision(l_list[i], g_list[i], s_list[i], bool(accepted_list[i]))
-                             if judged_list[i] else None)
+            decisions.append(StepDecision(l_list[i], None if skipped else g_list[i], s_list[i],
+                                          bool(accepted_list[i])) if judged_list[i] else None)
         # An accepted step's committed part ends at its cut; a truncated row is no step
         # verdict (its tokens extend the open step, which keeps its mode).
         self.state.verdicts = StepVerdicts(req_ids, [
             row_verdict(decisions[i], token_level_list[i] and not truncated_list[i], cut_list[i])
             for i in range(num_rows)])
         if self.decision_log:
-            self._log_decisions(req_ids, decisions, draft_lists, n_list, step_lens, cut_list,
+            self._log_decisions(req_ids, decisions, metadata.draft_token_ids.tolist(), n_list, step_lens, cut_list,
                                 token_level_list, proposed, truncated_list, out)
         if self.metrics is not None:
             self.metrics.observe_verification(decisions, time.perf_counter() - started)
