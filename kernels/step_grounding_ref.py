@@ -64,6 +64,17 @@ def step_head_average(step_query: torch.Tensor, k_view: torch.Tensor, block_row:
     return torch.einsum("hnl,hn->nl", scores, weights)
 
 
+def _step_requests(cu_step_lens: torch.Tensor, seq_lens: torch.Tensor,
+                   query_start: torch.Tensor | None):
+    """``(b, n, seq_len, first output row, first query row)`` of each request with a step."""
+    starts = cu_step_lens[:-1] if query_start is None else query_start
+    cu, lens, q_at = cu_step_lens.tolist(), seq_lens.tolist(), starts.tolist()
+    for b in range(len(cu) - 1):
+        n = cu[b + 1] - cu[b]
+        if n:
+            yield b, n, lens[b], cu[b], q_at[b]
+
+
 def step_head_share_rows_ref(
     query: torch.Tensor,
     k_view: torch.Tensor,
@@ -85,14 +96,9 @@ def step_head_share_rows_ref(
     ``step_grounding_stats_ref``; ``out [>= T_step, >= max(seq_lens)]`` fp32 receives row
     ``cu[b] + i`` of request b in columns ``:seq_lens[b]``, zeros after. Returns ``out``.
     """
-    starts = cu_step_lens[:-1] if query_start is None else query_start
-    cu, lens, q_at = cu_step_lens.tolist(), seq_lens.tolist(), starts.tolist()
-    for b in range(len(cu) - 1):
-        n, seq_len, row = cu[b + 1] - cu[b], lens[b], cu[b]
-        if n == 0:
-            continue
+    for b, n, seq_len, row, q_at in _step_requests(cu_step_lens, seq_lens, query_start):
         out[row: row + n, :seq_len] = step_head_average(
-            query[q_at[b]: q_at[b] + n], k_view, block_table[b], seq_len, scale, total_heads)
+            query[q_at: q_at + n], k_view, block_table[b], seq_len, scale, total_heads)
         out[row: row + n, seq_len:].zero_()
     return out
 
@@ -127,14 +133,8 @@ def step_grounding_stats_ref(
         block = torch.zeros(total, max_step_len, dtype=torch.float32, device=query.device)
     else:
         prefix_mass, block = workspace.prefix_mass, workspace.block
-    starts = cu_step_lens[:-1] if query_start is None else query_start
-    cu, lens, q_at = cu_step_lens.tolist(), seq_lens.tolist(), starts.tolist()
-    for b in range(len(cu) - 1):
-        n, seq_len, row = cu[b + 1] - cu[b], lens[b], cu[b]
-        if n == 0:
-            continue
-        avg = step_head_average(query[q_at[b]: q_at[b] + n], k_view, block_table[b], seq_len,
-                                scale)
+    for b, n, seq_len, row, q_at in _step_requests(cu_step_lens, seq_lens, query_start):
+        avg = step_head_average(query[q_at: q_at + n], k_view, block_table[b], seq_len, scale)
         # A head average is the one head whose average step_attention_stats takes.
         pm, blk = step_attention_stats(avg[None], seq_len - n, sparsity)
         prefix_mass[row: row + n] = pm

@@ -221,14 +221,19 @@ class SpecGuardRejectionSampler(RejectionSampler):
         else:
             chosen = logits[target_rows, drafts]
         forbidden = torch.isneginf(chosen)  # [T]
-        device = logits.device
-        num_tokens = drafts.shape[0]
-        row = torch.repeat_interleave(torch.arange(len(num_drafts), device=device), num_drafts,
-                                      output_size=num_tokens)
-        within = torch.arange(num_tokens, device=device) - (torch.cumsum(num_drafts, 0) - num_drafts)[row]
+        row, within = self._draft_rows(num_drafts, drafts.shape[0])
         row_step_len = step_lens[row]
         at = torch.where(forbidden & (within < row_step_len), within, row_step_len)
         return step_lens.scatter_reduce(0, row, at, reduce="amin", include_self=True)
+
+    @staticmethod
+    def _draft_rows(num_drafts: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each flat draft token: its row and its position within the row (tensor ops)."""
+        device = num_drafts.device
+        row = torch.repeat_interleave(torch.arange(num_drafts.shape[0], device=device), num_drafts,
+                                      output_size=num_tokens)
+        within = torch.arange(num_tokens, device=device) - (torch.cumsum(num_drafts, 0) - num_drafts)[row]
+        return row, within
 
     @staticmethod
     def _assemble(metadata, num_drafts: torch.Tensor, accepted: torch.Tensor,
@@ -244,10 +249,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         out = torch.full((num_rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         plain_accept = accepted & ~from_token_rows
         if drafts.numel():
-            row = torch.repeat_interleave(torch.arange(num_rows, device=device), num_drafts,
-                                          output_size=drafts.shape[0])
-            within = torch.arange(drafts.shape[0], device=device) - \
-                (torch.cumsum(num_drafts, 0) - num_drafts)[row]
+            row, within = SpecGuardRejectionSampler._draft_rows(num_drafts, drafts.shape[0])
             kept = plain_accept[row]
             out[row[kept], within[kept]] = drafts[kept]
         next_col = torch.where(plain_accept, num_drafts, torch.zeros_like(num_drafts))
