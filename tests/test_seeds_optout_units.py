@@ -203,25 +203,50 @@ def test_select_keeps_a_single_row_and_picks_among_k():
     cand = p._candidate_rows(hints, ["a", "b"], 3, torch.device("cpu"))
     # Request b: candidates "a a \n", "b \n", "a a \n": the two agreeing ones are central.
     tokens = torch.tensor([[1, 1, 1], [0, 0, 2], [1, 2, 0], [0, 0, 2]])
-    logprobs = torch.zeros(4, 3)
-    out = p._select(tokens, logprobs, hints, cand)
+    ends = p.segmenter.step_lengths(tokens, cand.open_states)
+    assert ends.tolist() == [0, 3, 2, 3]
+    out = p._select(tokens, torch.zeros(4, 3), ends, cand)
     assert out.shape == (2, 6)
     assert out[0, :3].tolist() == [1, 1, 1] and out[1, :3].tolist() == [0, 0, 2]
     assert out[:, 3:].eq(0).all()
+    assert p.chosen_step_ends.tolist() == [0, 3]
 
 
-def test_rows_done_waits_for_k_tokens_when_any_request_drafts_past_its_step():
+def test_select_compares_candidates_on_their_step_part_only():
+    """Tokens past a candidate's step end (drafted because another row had not ended) do
+    not count: "a \n" + noise agrees with "a \n" + other noise."""
+    p = proposer(k=3)
+    hints = [DraftRowHint()]
+    cand = p._candidate_rows(hints, ["a"], 3, torch.device("cpu"))
+    tokens = torch.tensor([[0, 2, 1, 1], [1, 1, 1, 2], [0, 2, 0, 0]])
+    ends = p.segmenter.step_lengths(tokens, cand.open_states)
+    # Without the cut, row 0 "a \n b b" would be as central as row 2; with it, rows 0 and 2
+    # are identical steps and the lower index wins.
+    out = p._select(tokens, torch.tensor([[-1.0] * 4, [0.0] * 4, [-1.0, -1.0, -9.0, -9.0]]), ends, cand)
+    assert out[0, :4].tolist() == [0, 2, 1, 1] and p.chosen_step_ends.tolist() == [2]
+    out = p._select(tokens, torch.tensor([[-1.0] * 4, [0.0] * 4, [-1.0, -0.5, -9.0, -9.0]]), ends, cand)
+    assert out[0, :4].tolist() == [0, 2, 0, 0]  # equal steps: the higher step log-likelihood
+
+
+def test_early_stop_waits_for_k_tokens_when_any_request_drafts_past_its_step():
+    from specguard_vllm.plugin.proposer import _StepEnds
+
     p = proposer(k=2)
-    ended = torch.tensor([[2], [2], [2]])
     step_hints = [DraftRowHint(), DraftRowHint()]
     cand = p._candidate_rows(step_hints, ["a", "b"], 2, torch.device("cpu"))
-    assert not p._rows_done(torch.tensor([[2], [0], [2], [2]]), step_hints, cand)
-    assert p._rows_done(torch.tensor([[2], [2], [2], [2]]), step_hints, cand)
+    assert cand.may_stop_early
+    track = _StepEnds(p.segmenter, cand)
+    track.push(torch.tensor([2, 0, 2, 2]), 0)
+    assert not bool(track.all_done())
+    track.push(torch.tensor([0, 2, 0, 0]), 1)
+    assert bool(track.all_done()) and track.ends.tolist() == [1, 2, 1, 1]
     mixed = [DraftRowHint(), DraftRowHint(opted_out=True, drafts_past_step=True)]
-    cand = p._candidate_rows(mixed, ["a", "b"], 2, torch.device("cpu"))
-    assert not p._rows_done(ended, mixed, cand)  # the opted-out row runs on to K tokens
+    assert not p._candidate_rows(mixed, ["a", "b"], 2, torch.device("cpu")).may_stop_early
     idle = [DraftRowHint(needs_no_draft=True)]
-    assert p._rows_done(ended[:1], idle, p._candidate_rows(idle, ["a"], 2, torch.device("cpu")))
+    cand = p._candidate_rows(idle, ["a"], 2, torch.device("cpu"))
+    assert bool(_StepEnds(p.segmenter, cand).all_done())  # no row waits: stop after one token
+    opened = [DraftRowHint(open_state=p.segmenter.state_after([0]))]
+    assert p._candidate_rows(opened, ["a"], 2, torch.device("cpu")).open_states.tolist() == [0, 0]
 
 
 # ------------------------------------------------------------------ the opt-out

@@ -9,7 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specguard_vllm.core.selector import lcs_length, select_candidate, similarity
+from specguard_vllm.core.selector import (
+    lcs_length,
+    select_candidate,
+    select_candidates_batched,
+    similarity,
+)
 
 tokens = st.lists(st.integers(0, 6), max_size=40)
 
@@ -108,3 +113,26 @@ def test_choice_equals_the_exact_central_candidate(cands, data):
                                 max_size=len(cands)))
     want = central_candidate(cands, loglik) if len(cands) > 1 else 0
     assert select_candidate(cands, loglik) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    k=st.integers(1, 5),
+    width=st.integers(1, 8),
+    measure=st.sampled_from(["rouge_l", "token_f1"]),
+    data=st.data(),
+)
+def test_batched_selection_equals_the_per_request_choice(k, width, measure, data):
+    """The engine's batched selector picks, for every request of a batch at once, the
+    candidate the per-request reference picks (ties to log-likelihood, then index)."""
+    groups = data.draw(st.integers(1, 4))
+    tokens = [[data.draw(st.lists(st.integers(0, 3), min_size=width, max_size=width))
+               for _ in range(k)] for _ in range(groups)]
+    lengths = [[data.draw(st.integers(1, width)) for _ in range(k)] for _ in range(groups)]
+    loglik = [[data.draw(st.sampled_from([-2.0, -1.0, -0.5, 0.0])) for _ in range(k)]
+              for _ in range(groups)]
+    got = select_candidates_batched(torch.tensor(tokens), torch.tensor(lengths),
+                                    torch.tensor(loglik), measure).tolist()
+    want = [select_candidate([tokens[g][c][: lengths[g][c]] for c in range(k)], loglik[g], measure)
+            for g in range(groups)]
+    assert got == want

@@ -67,6 +67,51 @@ def test_step_length_equals_the_decoded_text_scan(rows, delims):
 
 
 @settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 6), min_size=4, max_size=4), min_size=1, max_size=6),
+    prefixes=st.lists(st.lists(st.integers(0, 5), max_size=3), min_size=6, max_size=6),
+    delims=st.sampled_from([["\n"], ["\n\n"], ["\n\n", "y"], ["ab\n", "b\n\n"]]),
+)
+def test_batched_step_lengths_equal_the_host_scan(rows, prefixes, delims):
+    """The device path (one gather per position over all rows) finds the same step ends as
+    the host scan, from each row's open-step state."""
+    seg = segmenter(delims)
+    states = torch.tensor([seg.state_after(prefixes[i]) for i in range(len(rows))])
+    got = seg.step_lengths(torch.tensor(rows), states).tolist()
+    want = [seg.step_length(r, prefix=prefixes[i]) or 0 for i, r in enumerate(rows)]
+    assert got == want
+    limits = torch.tensor([i % 5 for i in range(len(rows))])
+    got = seg.step_lengths(torch.tensor(rows), states, limits).tolist()
+    assert got == [w if w <= i % 5 else 0 for i, w in enumerate(want)]
+
+
+def test_bundled_tokenizer_step_ends_match_decoding_the_whole_text():
+    """On the bundled tokenizer, the automaton's step end is the first prefix whose decoded
+    text holds a delimiter (or EOS), for one- and multi-token delimiters."""
+    import random
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "models/tiny-target")
+    rng = random.Random(0)
+    newline = tok.convert_tokens_to_ids(tok.tokenize("\n"))
+    pool = list(range(len(tok))) + newline * 40  # newlines often enough to meet "\n\n"
+    for delims in (["\n"], ["\n\n"], ["\n\n", "= "]):
+        seg = StepSegmenter.from_tokenizer(tok, delims)
+        for _ in range(300):
+            row = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+            want = None
+            for t in range(len(row)):
+                text = tok.decode(row[: t + 1], skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+                if row[t] == tok.eos_token_id or any(d in text for d in delims):
+                    want = t + 1
+                    break
+            assert seg.step_length(row) == want, (delims, row)
+
+
+@settings(max_examples=100, deadline=None)
 @given(t=st.integers(1, 6), v=st.integers(2, 9), seed=st.integers(0, 10**6))
 def test_token_logprobs_equal_log_softmax_gather(t, v, seed):
     gen = torch.Generator().manual_seed(seed)

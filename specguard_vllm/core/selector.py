@@ -1,15 +1,20 @@
 """Self-consistency selection: keep the candidate most similar to the others.
 
 Of k candidate steps, the one with the largest mean similarity to the other
-k - 1 is the "central" one (the paper's self-consistency selector). Ties go to
-the higher draft log-likelihood, then to the lower index, so the choice is
-deterministic for a given set of candidates.
+k - 1 is the "central" one (the paper's self-consistency selector). Ties (a
+centrality within ``TIE_TOLERANCE`` of the largest) go to the higher draft
+log-likelihood, then to the lower index, so the choice is deterministic for a
+given set of candidates. :func:`select_candidate` is the per-request reference;
+:func:`select_candidates_batched` makes the same choice for a whole batch of
+requests in tensor ops (the engine's path: no loop over requests or candidates).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+
+import torch
 
 # Similarities equal up to float rounding count as a tie.
 TIE_TOLERANCE = 1e-9
@@ -67,12 +72,69 @@ def select_candidate(
         for j in range(i + 1, k):
             sims[i][j] = sims[j][i] = similarity(candidates[i], candidates[j], measure)
     centrality = [sum(row) / (k - 1) for row in sims]
-    best = 0
-    for i in range(1, k):
-        tie = abs(centrality[i] - centrality[best]) <= TIE_TOLERANCE
-        if centrality[i] > centrality[best] + TIE_TOLERANCE or (
-            tie and log_likelihoods[i] > log_likelihoods[best]
-        ):
-            best = i
-    return best
+    top = max(centrality)
+    tied = [i for i in range(k) if centrality[i] >= top - TIE_TOLERANCE]
+    return max(tied, key=lambda i: (log_likelihoods[i], -i))
+
+
+def _lcs_lengths(a: torch.Tensor, b: torch.Tensor, len_a: torch.Tensor) -> torch.Tensor:
+    """LCS length of each pair of rows ``a[p], b[p]`` (``[P, L]``; positions past a row's
+    length hold values that match nothing). One pass per position of ``a``: with
+    ``v[j] = max(dp[i-1][j], dp[i-1][j-1] + [a_i == b_j])``, the table's row i is the
+    running maximum of ``v`` (``dp[i][j] = max(dp[i][j-1], v[j])``)."""
+    pairs, width = a.shape
+    dp = torch.zeros(pairs, width, dtype=torch.int64, device=a.device)
+    for i in range(width):
+        eq = (a[:, i : i + 1] == b).to(torch.int64)
+        shifted = torch.cat([dp.new_zeros(pairs, 1), dp[:, :-1]], dim=1)
+        row = torch.cummax(torch.maximum(dp, shifted + eq), dim=1).values
+        dp = torch.where((i < len_a).unsqueeze(1), row, dp)
+    return dp[:, -1]
+
+
+def _multiset_overlaps(a: torch.Tensor, b: torch.Tensor, len_a: torch.Tensor,
+                       len_b: torch.Tensor) -> torch.Tensor:
+    """Size of the multiset intersection of each pair of rows: an occurrence of a token in
+    ``a`` counts when fewer of its earlier copies in ``a`` than its copies in ``b``."""
+    width = a.shape[1]
+    pos = torch.arange(width, device=a.device)
+    valid_a = pos < len_a.unsqueeze(1)
+    valid_b = pos < len_b.unsqueeze(1)
+    in_b = ((a.unsqueeze(2) == b.unsqueeze(1)) & valid_b.unsqueeze(1)).sum(-1)
+    earlier = torch.ones(width, width, dtype=torch.bool, device=a.device).tril(-1)
+    before = ((a.unsqueeze(2) == a.unsqueeze(1)) & earlier & valid_a.unsqueeze(1)).sum(-1)
+    return (valid_a & (in_b > before)).sum(-1)
+
+
+def select_candidates_batched(tokens: torch.Tensor, lengths: torch.Tensor,
+                              log_likelihoods: torch.Tensor, measure: str = "rouge_l") -> torch.Tensor:
+    """:func:`select_candidate` for ``G`` requests at once: ``tokens [G, k, L]`` (candidate
+    ``c`` of request ``g`` is ``tokens[g, c, :lengths[g, c]]``), ``log_likelihoods [G, k]``;
+    returns ``[G]`` indices. Every pair of every request in one set of tensor ops."""
+    groups, k, width = tokens.shape
+    if k == 1:
+        return torch.zeros(groups, dtype=torch.int64, device=tokens.device)
+    pos = torch.arange(width, device=tokens.device)
+    lengths = lengths.to(torch.int64)
+    valid = pos < lengths.unsqueeze(-1)  # [G, k, L]
+    # Positions past a candidate's length never match: -1 on the a side, -2 on the b side.
+    a = torch.where(valid, tokens.to(torch.int64), -1).unsqueeze(2).expand(groups, k, k, width)
+    b = torch.where(valid, tokens.to(torch.int64), -2).unsqueeze(1).expand(groups, k, k, width)
+    len_a = lengths.unsqueeze(2).expand(groups, k, k).reshape(-1)
+    len_b = lengths.unsqueeze(1).expand(groups, k, k).reshape(-1)
+    a, b = a.reshape(-1, width), b.reshape(-1, width)
+    if measure == "rouge_l":
+        common = _lcs_lengths(a, b, len_a)
+    elif measure == "token_f1":
+        common = _multiset_overlaps(a, b, len_a, len_b)
+    else:
+        raise ValueError(f"unknown similarity measure {measure!r} (expected 'rouge_l' or 'token_f1')")
+    total = (len_a + len_b).to(torch.float64)
+    sim = torch.where(total > 0, 2.0 * common.to(torch.float64) / total.clamp(min=1), 1.0)
+    sim = torch.where((len_a == 0) ^ (len_b == 0), 0.0, sim).view(groups, k, k)
+    sim = sim * (1 - torch.eye(k, dtype=torch.float64, device=tokens.device))
+    centrality = sim.sum(-1) / (k - 1)
+    tied = centrality >= centrality.max(dim=1, keepdim=True).values - TIE_TOLERANCE
+    loglik = torch.where(tied, log_likelihoods.to(torch.float64), float("-inf"))
+    return loglik.argmax(dim=1)  # the first of equal maxima: the lower index
 

@@ -16,10 +16,15 @@ lookahead slots and every ``isinstance`` check keep working). Per engine step:
    request's tail block plus overflow blocks (copy-on-write), which live in
    extra blocks appended to the draft layers' KV tensors that the scheduler
    never sees;
-4. the loop stops early once every candidate has ended its step;
-5. the self-consistency selector keeps the most central candidate.
+4. each row's step end is tracked on the device by the step segmenter's automaton
+   (one table gather per position, no text decoded); the loop stops early once every
+   candidate has ended its step (on CUDA the "all ended" flag is read one position
+   late from pinned memory, so the host never stalls the device for it);
+5. the self-consistency selector keeps the most central candidate, for all requests
+   at once in tensor ops.
 
-Returns ``[B, K]``; the runner's SpecGuard state cuts each row after its step delimiter.
+Returns ``[B, K]`` and leaves the chosen rows' step ends in :attr:`chosen_step_ends`;
+the runner's SpecGuard state cuts each row after its step delimiter.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from specguard_vllm.core.selector import select_candidate
+from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.step_state import DraftRowHint
@@ -92,10 +97,44 @@ class CandidateRows:
     cand_of_row: torch.Tensor  # [R] int64: the candidate index of each row
     keys: torch.Tensor  # [R] int64: the request's draft-randomness key
     greedy: torch.Tensor | None  # [R] bool: rows drafted greedily (None: no such row)
+    open_states: torch.Tensor  # [R] int64: the segmenter state of the request's open step
+    waits: torch.Tensor  # [R] bool: drafting goes on until this row's step has ended
+    may_stop_early: bool  # host: no request drafts to K tokens regardless of its step
 
     @property
     def rows(self) -> int:
         return self.req_of_row.shape[0]
+
+
+class StepEndPoll:
+    """Whether every candidate has ended its step, read without stalling the device.
+
+    Elsewhere than CUDA the flag is read at once. On CUDA each position's flag is copied
+    to pinned memory asynchronously and the previous position's is read: by then the
+    next forward is already queued, so the device never idles for the host, and at
+    most one position more than needed is drafted (its tokens are past every step).
+    """
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self._posted = 0
+        if self.lagged:
+            self._slots = [(torch.zeros(1, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
+                           for _ in range(2)]
+
+    def post(self, done: torch.Tensor) -> bool:
+        """Post this position's flag; True when drafting may stop now."""
+        if not self.lagged:
+            return bool(done)
+        buffer, event = self._slots[self._posted % 2]
+        buffer.copy_(done.view(1), non_blocking=True)
+        event.record()
+        self._posted += 1
+        if self._posted < 2:
+            return False
+        previous, previous_event = self._slots[self._posted % 2]
+        previous_event.synchronize()
+        return bool(previous[0])
 
 
 def scratch_blocks_per_row(block_size: int, max_step: int) -> int:
@@ -124,6 +163,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
         self._owner = runner
         # Each request's draft-randomness key (see _request_key), computed once.
         self._request_keys: dict[str, int] = {}
+        # [B] on the device after each propose: where the chosen row's step ends (its
+        # length up to and including the delimiter; 0: no step end within the row).
+        self.chosen_step_ends: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ sampling
     def _request_key(self, req_id: str) -> int:
@@ -166,9 +208,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
         vLLM's SD drafts) or one that needs no draft. One host-to-device copy, no sync."""
         counts = [1 if hint.opted_out or hint.needs_no_draft else k for hint in hints]
         greedy = [int(hint.opted_out) for hint in hints]
-        host = torch.tensor([counts, greedy, [self._request_key(r) for r in req_ids]],
+        waits = [int(not hint.needs_no_draft) for hint in hints]
+        host = torch.tensor([counts, greedy, [self._request_key(r) for r in req_ids],
+                             [hint.open_state for hint in hints], waits],
                             dtype=torch.int64, pin_memory=device.type == "cuda")
-        counts_t, greedy_t, keys_t = host.to(device, non_blocking=True).unbind(0)
+        counts_t, greedy_t, keys_t, states_t, waits_t = host.to(device, non_blocking=True).unbind(0)
         starts = [0] * len(counts)
         for i in range(1, len(counts)):
             starts[i] = starts[i - 1] + counts[i - 1]
@@ -179,7 +223,10 @@ class SpecGuardDraftProposer(DraftModelProposer):
         return CandidateRows(
             counts=counts, starts=starts, counts_t=counts_t, starts_t=starts_t,
             req_of_row=req_of_row, cand_of_row=cand_of_row, keys=keys_t[req_of_row],
-            greedy=greedy_t.bool()[req_of_row] if any(greedy) else None)
+            greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
+            open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
+            may_stop_early=self.segmenter is not None and not any(
+                hint.drafts_past_step and not hint.needs_no_draft for hint in hints))
 
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,
                 positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,8 +401,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
         token, lp = self._sample(first_logits[cand.req_of_row], cand, row_positions)
         tokens_out[:, 0], logprobs_out[:, 0] = token, lp
         length = 1
+        track = _StepEnds(self.segmenter, cand)
+        track.push(token, 0)
+        poll = StepEndPoll(hidden.device)
 
-        if K > 1 and not self._rows_done(tokens_out[:, :1], hints, cand):
+        if K > 1 and not (cand.may_stop_early and poll.post(track.all_done())):
             self.ensure_scratch(k, K)
             seq_lens = cad.seq_lens[:num_reqs].clone()
             block_table = cad.block_table_tensor[:num_reqs]
@@ -396,61 +446,66 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                          row_positions + step)
                 tokens_out[:, step], logprobs_out[:, step] = token, lp
                 length = step + 1
-                if self._rows_done(tokens_out[:, :length], hints, cand):
+                track.push(token, step)
+                if cand.may_stop_early and poll.post(track.all_done()):
                     break
 
-        chosen = self._select(tokens_out[:, :length], logprobs_out[:, :length], hints, cand)
+        chosen = self._select(tokens_out[:, :length], logprobs_out[:, :length], track.ends, cand)
         if self.metrics is not None:
             # The first pass plus one batched pass per further position drafted.
             self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length,
                                        candidate_rows=rows)
         return chosen
 
-    def _step_end(self, candidate: list[int], open_step: list[int]) -> int | None:
-        return None if self.segmenter is None else self.segmenter.step_length(candidate, prefix=open_step)
-
-    def _rows_done(self, tokens: torch.Tensor, hints: list[DraftRowHint],
-                   cand: CandidateRows) -> bool:
-        """Every request's candidates have ended their step (or it needs no draft).
-
-        A request that drafts full rows (``fallback: speculative``, whose tail past the
-        step is verified token-level, or SpecGuard off) is done only at K tokens; then
-        the tokens are not even read back.
-        """
-        if self.segmenter is None:
-            return False
-        pending = [i for i, hint in enumerate(hints) if not hint.needs_no_draft]
-        if not pending:
-            return True
-        if any(hints[i].drafts_past_step for i in pending):
-            return False
-        as_list = tokens.tolist()
-        return all(self._step_end(as_list[row], hints[i].open_step) is not None
-                   for i in pending for row in range(cand.starts[i], cand.starts[i] + cand.counts[i]))
-
-    def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, hints: list[DraftRowHint],
+    def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                 cand: CandidateRows) -> torch.Tensor:
-        """Keep the most central candidate per request; returns ``[B, K]`` (0-padded).
+        """Keep the most central candidate per request; returns ``[B, K]`` (0-padded) and
+        sets :attr:`chosen_step_ends`.
 
-        Candidates are compared on their step part only; a request with one row keeps it.
+        Candidates are compared on their step part only (the whole row where no step ends
+        in it); a request with one row keeps it. Every request with k rows in one batched
+        call, no host sync.
         """
-        chosen = list(cand.starts)
+        num_reqs = len(cand.counts)
+        index = cand.starts_t
         several = [i for i, count in enumerate(cand.counts) if count > 1]
         if several:
-            as_list, lp_list = tokens.tolist(), logprobs.tolist()
-            measure = self.specguard.specguard.selector
-            for i in several:
-                steps, loglik = [], []
-                for row in range(cand.starts[i], cand.starts[i] + cand.counts[i]):
-                    end = self._step_end(as_list[row], hints[i].open_step)
-                    n = len(as_list[row]) if end is None else end
-                    steps.append(as_list[row][:n])
-                    loglik.append(sum(lp_list[row][:n]))
-                chosen[i] += select_candidate(steps, loglik, measure)
-        index = cand.starts_t if not several else torch.tensor(
-            chosen, dtype=torch.int64, pin_memory=tokens.device.type == "cuda").to(
-                tokens.device, non_blocking=True)
-        out = torch.zeros(len(chosen), self.num_speculative_tokens, dtype=torch.int64,
+            k = self.specguard.specguard.num_candidates
+            width = tokens.shape[1]
+            lengths = torch.where(step_ends > 0, step_ends, width)
+            positions = torch.arange(width, device=tokens.device)
+            loglik = torch.where(positions < lengths.unsqueeze(1), logprobs.double(), 0.0).sum(1)
+            group_reqs = torch.tensor(several, dtype=torch.int64,
+                                      pin_memory=tokens.device.type == "cuda").to(
+                                          tokens.device, non_blocking=True)
+            group_rows = cand.starts_t[group_reqs].unsqueeze(1) + torch.arange(k, device=tokens.device)
+            best = select_candidates_batched(tokens[group_rows], lengths[group_rows],
+                                             loglik[group_rows], self.specguard.specguard.selector)
+            index = index.clone()
+            index[group_reqs] = group_rows.gather(1, best.unsqueeze(1)).squeeze(1)
+        out = torch.zeros(num_reqs, self.num_speculative_tokens, dtype=torch.int64,
                           device=tokens.device)
         out[:, : tokens.shape[1]] = tokens.index_select(0, index)
+        self.chosen_step_ends = step_ends.index_select(0, index)
         return out
+
+
+class _StepEnds:
+    """Each candidate row's step end, tracked as tokens are drafted (device tensors)."""
+
+    def __init__(self, segmenter, cand: CandidateRows):
+        self.segmenter = segmenter
+        self.states = cand.open_states
+        self.ends = torch.zeros_like(cand.open_states)  # 0: not ended yet
+        self.waits = cand.waits
+
+    def push(self, tokens: torch.Tensor, position: int) -> None:
+        if self.segmenter is None:
+            return
+        self.states = self.segmenter.advance_rows(self.states, tokens)
+        ended = (self.states == self.segmenter.END) & (self.ends == 0)
+        self.ends = torch.where(ended, position + 1, self.ends)
+
+    def all_done(self) -> torch.Tensor:
+        """A 0-d bool: every row that waits for its step has ended it."""
+        return ((self.ends > 0) | ~self.waits).all()

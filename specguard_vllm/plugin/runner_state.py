@@ -60,6 +60,7 @@ class SpecGuardRunnerState:
         self.segmenter = StepSegmenter.from_tokenizer(
             tokenizer, config.specguard.step_delimiters, vocab_size=vocab_size)
         self.steps = StepStateTable(self.segmenter)
+        self._eos_ids: dict[torch.device, torch.Tensor] = {}
         self.draft_step_lens = DraftStepLengths()
         self.verdicts: StepVerdicts | None = None  # this engine step's, from the verifier
         self.capture: GroundingCapture | None = None  # built on the first verification
@@ -193,29 +194,53 @@ class SpecGuardRunnerState:
 
     # ------------------------------------------------------------------ drafting
     def draft_row_hints(self) -> list[DraftRowHint]:
-        """What the proposer needs per row of this batch (open step, mode, fallback)."""
+        """What the proposer needs per row of this batch (open step's state, mode, fallback)."""
         hints = []
         for req_id in self.runner.input_batch.req_ids[:self.runner.input_batch.num_reqs]:
             drafts_past_step = self._drafts_past_step(req_id)  # resolves the opt-out first
             request_state = self.steps.get(req_id)
             hints.append(DraftRowHint(
-                open_step=list(request_state.open_step),
+                open_state=request_state.open_state,
                 needs_no_draft=request_state.mode is StepMode.REGENERATING,
                 drafts_past_step=drafts_past_step, opted_out=request_state.opted_out))
         return hints
+
+    def _first_eos_ends(self, drafts: torch.Tensor) -> torch.Tensor:
+        """Per row, the position after its first EOS (0: none), in tensor ops."""
+        eos = self._eos_ids.get(drafts.device)
+        if eos is None:
+            eos = self._eos_ids[drafts.device] = torch.tensor(
+                sorted(self.segmenter.eos_token_ids), dtype=drafts.dtype, device=drafts.device)
+        if eos.numel() == 0 or drafts.shape[1] == 0:
+            return torch.zeros(drafts.shape[0], dtype=torch.int64, device=drafts.device)
+        is_eos = torch.isin(drafts, eos)
+        first = is_eos.to(torch.int8).argmax(dim=1).to(torch.int64) + 1
+        return torch.where(is_eos.any(dim=1), first, 0)
 
     def truncate_drafts(self, drafts):
         """Cut each proposed row after its step delimiter; no drafts while regenerating.
 
         Requests with ``fallback: speculative`` keep the draft past the step's end: the
         verifier judges the step and verifies the tail token-level (SPECGUARD.md section 4).
+        The step ends come from the proposer (found on the device while drafting); the rows,
+        their step ends and first EOS reach the host in one transfer.
         """
         if not isinstance(drafts, torch.Tensor):
             return drafts
-        req_ids = self.runner.input_batch.req_ids[:drafts.shape[0]]
+        num_reqs = drafts.shape[0]
+        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        step_ends = self.runner.drafter.chosen_step_ends
+        if step_ends is None or step_ends.shape[0] != num_reqs:
+            step_ends = self.segmenter.step_lengths(drafts, torch.tensor(
+                [self.steps.get(r).open_state for r in req_ids], device=drafts.device))
+        host = torch.cat([drafts.to(torch.int64), step_ends.to(torch.int64).unsqueeze(1),
+                          self._first_eos_ends(drafts).unsqueeze(1)], dim=1).tolist()
         rows = []
-        for req_id, row in zip(req_ids, drafts.tolist()):
-            truncated = self.steps.truncate_draft(req_id, row, keep_tail=self._drafts_past_step(req_id))
+        for req_id, row in zip(req_ids, host):
+            *draft, step_end, eos_end = row
+            truncated = self.steps.truncate_draft(
+                req_id, draft, keep_tail=self._drafts_past_step(req_id),
+                step_end=step_end or None, eos_end=eos_end or None)
             # The proposed step's length (the whole row unless it has a tail), so the verifier
             # can tell a step the scheduler truncated.
             step_len = len(truncated.tokens) if truncated.step_len is None else truncated.step_len

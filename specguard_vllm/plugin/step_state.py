@@ -82,6 +82,7 @@ class DraftRowHint:
     """What the proposer needs to know about one request before drafting its row."""
 
     open_step: list[int] = field(default_factory=list)  # committed tokens of the open step
+    open_state: int = 0  # the step segmenter's automaton state after them
     needs_no_draft: bool = False  # regenerating: the target writes the rest of the step
     drafts_past_step: bool = False  # fallback "speculative": draft to K tokens, not to the step end
     opted_out: bool = False  # SpecGuard off: one greedy candidate, as vLLM's own SD drafts
@@ -99,6 +100,7 @@ class TruncatedDraft:
 class RequestSteps:
     mode: StepMode = StepMode.DRAFTING
     open_step: list[int] = field(default_factory=list)  # committed tokens of the unfinished step
+    open_state: int = 0  # the segmenter's automaton state after open_step (0: a fresh step)
     params: SpecGuardParams | None = None  # the request's knobs (the runner state keeps them)
     opted_out: bool = False  # SpecGuard off (vllm_xargs): token-level SD, no steps, to the end
 
@@ -127,13 +129,17 @@ class StepStateTable:
         state.opted_out = True
         state.mode = StepMode.TOKEN_LEVEL
         state.open_step = []
+        state.open_state = 0
 
     def _push_target_token(self, state: RequestSteps, token: int) -> None:
-        if self.segmenter.step_length([token], prefix=state.open_step) is not None:
+        next_state = self.segmenter.advance(state.open_state, token)
+        if next_state == self.segmenter.END:
             state.open_step = []
+            state.open_state = 0
             state.mode = StepMode.DRAFTING
         else:
             state.open_step.append(token)
+            state.open_state = next_state
 
     def after_sampling(self, req_id: str, tokens: list[int], row: RowVerdict) -> None:
         """Update after one engine step from the tokens it committed and the row's verdict.
@@ -157,6 +163,7 @@ class StepStateTable:
             # The verified step is closed; what follows it (the bonus token, or a verified
             # tail and its last token) opens the next one.
             state.open_step = []
+            state.open_state = 0
             state.mode = StepMode.DRAFTING
             after = tokens[-1:] if row.step_len is None else tokens[row.step_len:]
             for token in after:
@@ -166,23 +173,30 @@ class StepStateTable:
             state.mode = StepMode.REGENERATING
             self._push_target_token(state, tokens[0])
 
-    def truncate_draft(self, req_id: str, draft: list[int], keep_tail: bool = False) -> TruncatedDraft:
+    def truncate_draft(self, req_id: str, draft: list[int], keep_tail: bool = False,
+                       step_end: int | None | bool = False,
+                       eos_end: int | None | bool = False) -> TruncatedDraft:
         """The proposed step, cut after its delimiter; no tokens while regenerating.
 
         ``keep_tail`` (fallback ``speculative``): keep the draft past the step's end, up to
         and including an EOS, with the step's length (0 while the request finishes a
         rejected step token-level: then nothing in the row is judged as a step).
+        ``step_end`` / ``eos_end``: where the step ends and the first EOS (position after
+        it, None: nowhere) if the caller found them already (on the device); found here
+        otherwise.
         """
         state = self.get(req_id)
         if state.mode is StepMode.REGENERATING:
             return TruncatedDraft([], None)
-        end = self.segmenter.step_length(draft, prefix=state.open_step)
+        end = self.segmenter.step_length(draft, state=state.open_state) \
+            if step_end is False else step_end
         if not keep_tail:
             return TruncatedDraft(draft if end is None else draft[:end], None)
-        for i, token in enumerate(draft):
-            if token in self.segmenter.eos_token_ids:
-                draft = draft[: i + 1]
-                break
+        if eos_end is False:
+            eos_end = next((i + 1 for i, token in enumerate(draft)
+                            if token in self.segmenter.eos_token_ids), None)
+        if eos_end is not None:
+            draft = draft[:eos_end]
         # EOS ends a step too, so ``end`` never passes the cut above.
         if state.mode is StepMode.TOKEN_LEVEL:
             return TruncatedDraft(draft, 0)
