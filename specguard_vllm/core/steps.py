@@ -84,10 +84,8 @@ class StepSegmenter:
         for eos in self.eos_token_ids:
             if 0 <= eos < vocab_size:
                 table[:, eos] = self.END
-        self._table_np = table
         self._table_rows = table.tolist()  # host lookups without numpy scalar overhead
-        self.next_state = torch.from_numpy(table)  # [S + 1, V] int32 (see for_device)
-        self.contains_delimiter = torch.from_numpy(table[0] == self.END)
+        self.next_state = torch.from_numpy(table)  # [S + 1, V] int32 (see table_on)
         self._device_tables: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
@@ -140,10 +138,6 @@ class StepSegmenter:
         for token in tokens:
             state = self.advance(state, int(token))
         return state
-
-    def ends_step(self, token_id: int) -> bool:
-        """True when this single token ends a step by itself (delimiter inside or EOS)."""
-        return 0 <= token_id < self.vocab_size and bool(self.contains_delimiter[token_id])
 
     def step_length(self, token_ids: Sequence[int], prefix: Sequence[int] = (),
                     state: int | None = None) -> int | None:

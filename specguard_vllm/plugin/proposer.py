@@ -362,6 +362,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
         started = time.perf_counter()
+        self.chosen_step_ends = None  # set again by _select; none for a K = 0 call
         K = num_speculative_tokens
         k = self.specguard.specguard.num_candidates
         self.num_speculative_tokens = K

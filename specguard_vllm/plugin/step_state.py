@@ -81,8 +81,7 @@ def row_verdict(decision: StepDecision | None, token_level: bool, step_len: int)
 class DraftRowHint:
     """What the proposer needs to know about one request before drafting its row."""
 
-    open_step: list[int] = field(default_factory=list)  # committed tokens of the open step
-    open_state: int = 0  # the step segmenter's automaton state after them
+    open_state: int = 0  # the step segmenter's automaton state after the open step's tokens
     needs_no_draft: bool = False  # regenerating: the target writes the rest of the step
     drafts_past_step: bool = False  # fallback "speculative": draft to K tokens, not to the step end
     opted_out: bool = False  # SpecGuard off: one greedy candidate, as vLLM's own SD drafts
