@@ -147,11 +147,38 @@ def test_report_writes_table_and_plots(tmp_path):
     assert "| sd | 3 |" in table
 
 
+def test_throughput_plot_needs_two_concurrency_levels(tmp_path):
+    def served(name, level, tokens_per_s):
+        row = summarise(name, [_result(name, 0)], mode=f"server-c{level}")
+        row["tokens_per_s"] = tokens_per_s
+        return row
+
+    one_level = add_comparisons([served("sd", 1, 100.0), served("specguard", 1, 120.0)])
+    assert "throughput_vs_concurrency.png" not in {p.name for p in write_report(one_level, tmp_path / "a")}
+    levels = add_comparisons([served(name, c, rate * c) for c in (1, 8, 32)
+                              for name, rate in (("sd", 10.0), ("specguard", 12.0))])
+    written = {p.name: p for p in write_report(levels, tmp_path / "b")}
+    assert written["throughput_vs_concurrency.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_concurrency_levels():
+    from specguard_vllm.evaluation.bench import parse_concurrencies
+
+    assert parse_concurrencies("8") == [1, 8]
+    assert parse_concurrencies("1") == [1]
+    assert parse_concurrencies("64, 8,32,1") == [1, 8, 32, 64]
+    assert parse_concurrencies("8,32") == [8, 32]
+    for bad in ("0", "1,-2", "x", "1,,2"):
+        with pytest.raises(ValueError, match="--concurrency"):
+            parse_concurrencies(bad)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--n", "0"], "--n"),
     (["--configs", "target,bogus"], "bogus"),
     (["--dataset", "math"], "MATH"),
     (["--target", "/nonexistent/model"], "/nonexistent/model"),
+    (["--server", "--concurrency", "1,zero"], "--concurrency"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", *args],

@@ -154,6 +154,23 @@ def test_fit_latency_goal_known_case():
     assert loose.best.acceptance == 1.0
 
 
+def test_latency_ties_go_to_confidence_alone():
+    """Right steps confident, wrong ones not, grounding uninformative: every beta >= some
+    threshold separates them equally well. The latency fit takes beta = 1 (no grounding to
+    compute); the accuracy fit keeps the paper-nearest tie rule."""
+    records, correct = [], {}
+    for p in range(6):
+        pid = f"p{p}"
+        correct[pid] = True
+        records += [StepSignal(pid, -0.2, 0.5, True) for _ in range(3)]
+        records.append(StepSignal(pid, -4.0, 0.5, False))
+    latency = fit(records, correct, goal="latency", lpbv_floor=FLOOR, max_accuracy_drop=0.0)
+    assert latency.best.beta == 1.0 and latency.best.acceptance == pytest.approx(0.75)
+    assert all(p.n_accepted <= latency.best.n_accepted for p in latency.per_beta)
+    accuracy = fit(records, correct, goal="accuracy", lpbv_floor=FLOOR, min_acceptance=0.75)
+    assert accuracy.best.beta < 1.0
+
+
 def test_fit_when_nothing_beats_target_only():
     # the wrong step scores above both right ones at every beta: with no accuracy budget the
     # latency fit can accept nothing without accepting it, so it rejects everything
@@ -235,11 +252,19 @@ def test_fit_refuses_bad_input():
 
 # --------------------------------------------------------------------------- config
 def test_written_config_validates_and_keeps_every_other_key(tmp_path):
-    base = REPO / "configs" / "specguard.yaml"
+    base = REPO / "configs" / "specguard.paper.yaml"
     out = tmp_path / "calibrated.yaml"
     write_calibrated_config(base, 0.37, 0.65, out, ["fitted on 20 dev problems", "", "line 3"])
     text = out.read_text()
     assert text.startswith("# fitted on 20 dev problems\n#\n# line 3\n")
+    # the base's comments past its leading block are kept, the thresholds' own included
+    base_lines = base.read_text().splitlines()
+    first_key = next(i for i, line in enumerate(base_lines) if line and not line.startswith("#"))
+    for line in base_lines[first_key:]:
+        if "#" in line:
+            comment = line[line.index("#"):]
+            assert comment in text, comment
+    assert "not carried over" not in text
     loaded = load_config(out)
     assert (loaded.specguard.tau, loaded.specguard.beta) == (0.37, 0.65)
     before, after = yaml.safe_load(base.read_text()), yaml.safe_load(text)
@@ -257,6 +282,14 @@ def test_written_config_without_specguard_block_and_refusal(tmp_path):
     out = tmp_path / "out.yaml"
     write_calibrated_config(base, 1.01, 0.0, out)
     assert load_config(out).specguard.tau == 1.01
+    # a layout the in-place edit does not handle (flow mapping) is re-dumped, and says so
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("# about\nmethod: specguard  # m\nmodel: d\nnum_speculative_tokens: 8\n"
+                    "specguard: {tau: 0.5, beta: 0.5, seed: 3}\n")
+    write_calibrated_config(flow, 0.25, 0.75, out, ["head"])
+    text = out.read_text()
+    assert text.startswith("# head\n# Comments of the base config are not carried over")
+    assert yaml.safe_load(text)["specguard"] == {"tau": 0.25, "beta": 0.75, "seed": 3}
     bad = tmp_path / "bad.yaml"
     with pytest.raises(ConfigError):
         write_calibrated_config(base, -0.1, 0.5, bad)

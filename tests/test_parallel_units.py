@@ -190,7 +190,8 @@ def test_two_rank_captures_reduced_by_the_verifier_equal_one_rank(monkeypatch):
     def g_min(capture):
         verifier = SimpleNamespace(metrics=None, state=SimpleNamespace(capture=capture))
         return SpecGuardRejectionSampler._grounding(
-            verifier, SimpleNamespace(num_draft_tokens=steps), "cpu", step_lens)
+            verifier, SimpleNamespace(num_draft_tokens=steps), "cpu", step_lens,
+            torch.tensor(steps), torch.tensor(step_lens))
 
     want = g_min(whole)
     for capture in ranks:

@@ -426,7 +426,8 @@ def test_verifier_grounding_rolls_out_every_row_at_once_and_ignores_tails():
         blocks.append(blk)
     verifier = SimpleNamespace(metrics=None, state=SimpleNamespace(capture=capture))
     got = SpecGuardRejectionSampler._grounding(
-        verifier, SimpleNamespace(num_draft_tokens=num_drafts), "cpu", step_lens)
+        verifier, SimpleNamespace(num_draft_tokens=num_drafts), "cpu", step_lens,
+        torch.tensor(num_drafts), torch.tensor(step_lens))
     want, offset = [], 0
     for n, m in zip(num_drafts, step_lens):
         if m == 0:

@@ -45,3 +45,28 @@ def test_assemble_equals_the_row_by_row_rule(data):
         torch.tensor(next_tokens), token_rows if any(from_token_rows) else None)
     want = row_by_row(num_drafts, drafts, accepted, from_token_rows, next_tokens, token_rows, width)
     assert torch.equal(got, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_prefix_positions_are_each_rows_first_positions(data):
+    """The device-side index of each row's first ``lengths[i]`` draft positions equals the
+    plain per-row enumeration."""
+    num_drafts = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=12))
+    lengths = [data.draw(st.integers(0, n)) for n in num_drafts]
+    want, offset = [], 0
+    for n, m in zip(num_drafts, lengths):
+        want += range(offset, offset + m)
+        offset += n
+    got = SpecGuardRejectionSampler._prefix_positions(
+        torch.tensor(num_drafts), torch.tensor(lengths), sum(lengths))
+    assert got.tolist() == want
+
+
+def test_rows_to_device_is_one_tensor_of_the_rows():
+    from specguard_vllm.plugin.host_transfer import rows_to_device
+
+    got = rows_to_device([[1, 2, 3], [True, False, True], [0.5, 0.25, 1.0]], torch.float64, "cpu")
+    assert got.shape == (3, 3) and got.dtype == torch.float64
+    assert got.tolist() == [[1, 2, 3], [1, 0, 1], [0.5, 0.25, 1.0]]
+    assert rows_to_device([[], []], torch.int64, "cpu").shape == (2, 0)

@@ -43,8 +43,10 @@ def task_prompts(n: int) -> list[str]:
 
 
 def write_config(path: Path, **specguard) -> Path:
-    """configs/specguard.yaml (the bundled pair's), with absolute draft path and overrides."""
-    body = yaml.safe_load((REPO / "configs" / "specguard.yaml").read_text())
+    """configs/specguard.paper.yaml (the bundled pair's, paper thresholds: beta 0.5, so the
+    grounding statistics' all_reduce across ranks is exercised), with absolute draft path and
+    overrides."""
+    body = yaml.safe_load((REPO / "configs" / "specguard.paper.yaml").read_text())
     body["model"] = str(DRAFT)
     body["specguard"].update(specguard)
     path.write_text(json.dumps(body))

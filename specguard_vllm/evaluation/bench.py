@@ -37,6 +37,18 @@ def _calibrated_name(path: str) -> str:
     return stem.removeprefix("specguard.") or "calibrated"
 
 
+def parse_concurrencies(text: str) -> list[int]:
+    """``--concurrency``: one N (the server runs go at 1 and N) or a comma list (exactly those)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        levels = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--concurrency: expected N or a comma list like 1,8,32, got {text!r}") from None
+    if any(level < 1 for level in levels):
+        raise ValueError(f"--concurrency must be >= 1, got {text!r}")
+    return sorted({1, *levels} if len(levels) == 1 else set(levels))
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -252,9 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         urls = {key: url for key, url in (("target", args.target_url), ("sd", args.sd_url),
                                           (f"specguard-k{k0}", args.server_url)) if url}
         use_servers = args.server or bool(urls)
-        concurrencies = sorted({1, args.concurrency}) if use_servers else []
-        if use_servers and args.concurrency < 1:
-            raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+        concurrencies = parse_concurrencies(args.concurrency) if use_servers else []
         if args.skip_offline and not use_servers:
             raise ValueError("--skip-offline needs --server or a server URL")
         missing = [m for m, needed in (("matplotlib", not args.no_plots),
@@ -329,7 +339,8 @@ def add_bench_command(subparsers) -> None:
     bench.add_argument("--server", action="store_true",
                        help="also run target, sd, specguard (both fallbacks) and --calibrated "
                        "configs through real `vllm serve` + OpenAI client")
-    bench.add_argument("--concurrency", type=int, default=8, help="the N of the server runs")
+    bench.add_argument("--concurrency", default="8",
+                       help="server runs: N (run at 1 and N) or a comma list, e.g. 1,8,32,64")
     bench.add_argument("--server-url", help="a running SpecGuard `vllm serve` (same config): run "
                        "the configurations it can serve through vllm_xargs against it")
     bench.add_argument("--target-url", help="a running target-only `vllm serve` of the same target")

@@ -137,13 +137,51 @@ def plot_tau_sweep(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def plot_throughput_vs_concurrency(rows: list[dict], path: Path) -> Path | None:
+    """Served rows: output tokens/s against client concurrency, one line per configuration
+    (log-scaled x), and each configuration's ratio to vLLM SD's at the same concurrency."""
+    served = [r for r in rows if r["mode"].startswith("server-c") and r.get("tokens_per_s")]
+    levels = sorted({int(r["mode"].removeprefix("server-c")) for r in served})
+    if len(levels) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in served))
+    at = {(r["config"], int(r["mode"].removeprefix("server-c"))): r["tokens_per_s"] for r in served}
+    fig, (ax, ratio_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in configs:
+        xs = [c for c in levels if (name, c) in at]
+        ax.plot(xs, [at[name, c] for c in xs], "o-", label=name)
+        if name != "sd" and any(("sd", c) in at for c in xs):
+            both = [c for c in xs if ("sd", c) in at]
+            ratio_ax.plot(both, [at[name, c] / at["sd", c] for c in both], "o-", label=name)
+    for axis in (ax, ratio_ax):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(c) for c in levels])
+        axis.set_xlabel("concurrent requests (OpenAI client)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    ax.set_ylabel("output tokens/s (vllm serve, this machine)")
+    ratio_ax.axhline(1.0, color="gray", ls="--")
+    ratio_ax.set_ylabel("tokens/s / vLLM SD's")
+    fig.suptitle("Served throughput vs concurrency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(rows: list[dict], out_dir: Path, *, plots: bool = True, title: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "bench.md"]
     written[0].write_text((f"# {title}\n\n" if title else "") + markdown_table(rows) + "\n")
     if plots:
         written.append(plot_accuracy_vs_latency(rows, out_dir / "accuracy_vs_latency.png"))
-        tau = plot_tau_sweep(rows, out_dir / "tau_sweep.png")
-        if tau:
-            written.append(tau)
+        for extra in (plot_tau_sweep(rows, out_dir / "tau_sweep.png"),
+                      plot_throughput_vs_concurrency(rows, out_dir / "throughput_vs_concurrency.png")):
+            if extra:
+                written.append(extra)
     return written

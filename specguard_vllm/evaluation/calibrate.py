@@ -37,6 +37,7 @@ trajectory; a wrong step may be harmless; later proposals differ), which is why
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -267,7 +268,8 @@ def fit(records: Sequence[StepSignal], target_correct: Mapping[str, bool], *, go
     Grid: beta in ``betas`` (default 0, 0.05, ..., 1); tau over 0, every distinct score
     the records reach at that beta, and 1.01 (reject all). Both goals are always feasible
     (tau 0 accepts every step; tau 1.01 keeps target-only accuracy). Ties on the objective
-    go to the point nearest the paper default (smallest ``|tau-0.5| + |beta-0.5|``), then
+    go, for ``latency``, to beta = 1 (the engine then computes no grounding at all), then to
+    the point nearest the paper default (smallest ``|tau-0.5| + |beta-0.5|``), then
     to the better other metric, then to the smaller beta and smaller tau. The returned
     ``best.tau`` is moved from the chosen score to a short decimal inside the same score
     gap (same partition of the recorded steps, so the same predictions).
@@ -310,8 +312,11 @@ def fit(records: Sequence[StepSignal], target_correct: Mapping[str, bool], *, go
         # lexsort: last key is primary
         order = np.lexsort((taus[idx], -secondary[idx], np.round(distance, 9), -primary[idx]))
         i = int(idx[order[0]])
-        key = (-int(primary[i]), round(float(distance[order[0]]), 9), -int(secondary[i]),
-               float(beta), float(taus[i]))
+        # The latency goal prefers, among equal predictions, beta = 1: confidence alone needs
+        # no grounding at all, so the engine skips its capture (less work per step).
+        reads_grounding = int(goal == "latency" and beta < 1.0)
+        key = (-int(primary[i]), reads_grounding, round(float(distance[order[0]]), 9),
+               -int(secondary[i]), float(beta), float(taus[i]))
         tau = _round_tau(float(taus[i]), float(taus[i - 1]) if i > 0 else None)
         point = OperatingPoint(tau, float(beta), int(correct[i]) / n_problems,
                                int(accepted[i]) / n_steps, int(correct[i]), int(accepted[i]))
@@ -366,13 +371,54 @@ def _quoting_safe_dumper():
     return QuotingSafeDumper
 
 
+_SPECGUARD_BLOCK = re.compile(r"^specguard:[ \t]*(#.*)?$")
+_BLOCK_KEY = re.compile(r"^(?P<indent>[ \t]+)(?P<key>tau|beta):(?P<gap>[ \t]*)(?P<value>[^#\n]*?)"
+                        r"(?P<rest>[ \t]*(#.*)?)$")
+
+
+def _edit_thresholds_in_place(text: str, tau: float, beta: float) -> str | None:
+    """The base YAML text with only ``specguard.tau``/``beta``'s values rewritten, every
+    comment kept; None where the file's layout is not the plain block form this can edit
+    (flow mappings, a key missing, anchors...), then the caller dumps the data instead."""
+    lines = text.splitlines(keepends=True)
+    in_block, done = False, {}
+    for i, line in enumerate(lines):
+        body = line.rstrip("\r\n")
+        if _SPECGUARD_BLOCK.match(body):
+            in_block = True
+            continue
+        if in_block and body and not body[0].isspace() and not body.startswith("#"):
+            in_block = False  # the next top-level key ends the block
+        match = _BLOCK_KEY.match(body) if in_block else None
+        if match and match["key"] not in done:
+            value = {"tau": tau, "beta": beta}[match["key"]]
+            gap = match["gap"] or " "
+            # keep the column where the comment started, when the new value fits before it
+            rest = match["rest"]
+            width = len(match["value"]) + len(rest) - len(rest.lstrip(" \t"))
+            new_value = repr(float(value))
+            pad = " " * max(width - len(new_value), 1 if rest.strip() else 0)
+            lines[i] = (f"{match['indent']}{match['key']}:{gap}{new_value}{pad}{rest.lstrip(' ')}"
+                        + line[len(body):])
+            done[match["key"]] = i
+    if len(done) != 2:
+        return None
+    # The base's leading comment block describes the base; the caller's header replaces it.
+    first = next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")),
+                 len(lines))
+    return "".join(lines[first:])
+
+
 def write_calibrated_config(base_config_path: str | Path, tau: float, beta: float,
                             out_path: str | Path, header_lines: Sequence[str] = ()) -> Path:
     """Write the base config with ``specguard.tau``/``beta`` replaced, under a comment header.
 
-    Read with ``yaml.safe_load`` and written with `yaml.safe_dump`'s SafeDumper (key order
-    kept; strings holding a newline double-quoted; the base file's comments are not
-    carried over). The written file is validated with
+    Where the base file is plain block YAML, only those two values are rewritten and the
+    base's comments are kept, all but its leading block, which the header replaces (a
+    shipped config stays readable); otherwise the data is
+    re-dumped with `yaml.safe_dump`'s SafeDumper (key order kept; strings holding a newline
+    double-quoted) and the header says the comments were dropped. Either way the result must
+    safe_load to exactly the base data with the two values replaced, and is validated with
     `config.load_config`; if that fails the file is not left behind and ConfigError is raised.
     """
     import os
@@ -383,7 +429,8 @@ def write_calibrated_config(base_config_path: str | Path, tau: float, beta: floa
     from specguard_vllm.config import ConfigError, load_config
 
     base = Path(base_config_path)
-    data = yaml.safe_load(base.read_text(encoding="utf-8"))
+    base_text = base.read_text(encoding="utf-8")
+    data = yaml.safe_load(base_text)
     if not isinstance(data, dict):
         raise ConfigError([("<root>", "expected a mapping of keys")], str(base))
     block = data.get("specguard")
@@ -391,9 +438,20 @@ def write_calibrated_config(base_config_path: str | Path, tau: float, beta: floa
     block["tau"] = float(tau)
     block["beta"] = float(beta)
     data["specguard"] = block
-    header = "".join(f"# {line}\n" if line else "#\n" for line in header_lines)
-    text = header + yaml.dump(data, Dumper=_quoting_safe_dumper(), sort_keys=False,
-                              default_flow_style=None, allow_unicode=True)
+    body = _edit_thresholds_in_place(base_text, float(tau), float(beta))
+    if body is not None:
+        try:
+            if yaml.safe_load(body) != data:
+                body = None
+        except yaml.YAMLError:
+            body = None
+    lines = list(header_lines)
+    if body is None:
+        lines.append(f"Comments of the base config are not carried over (see {base}).")
+        body = yaml.dump(data, Dumper=_quoting_safe_dumper(), sort_keys=False,
+                         default_flow_style=None, allow_unicode=True)
+    header = "".join(f"# {line}\n" if line else "#\n" for line in lines)
+    text = header + body
     out = Path(out_path)
     fd, tmp = tempfile.mkstemp(prefix=".calibrated-", suffix=".yaml", dir=out.parent or ".")
     try:

@@ -235,7 +235,8 @@ def calibrate(*, config_path: str, target: str, dataset: str = "tiny", split: st
              f"{power['abgv']:.3f}, "
              + ", ".join(f"ensemble@{b} {auc:.3f}" for b, auc in power["ensemble"].items())
              + "."),
-            "Comments of the base config are not carried over (see configs/specguard.yaml).",
+            "Serve it (relative paths resolve from the directory you run the command in):",
+            f"  vllm serve {target} --speculative-config {out}",
         ]
         write_calibrated_config(config_path, tau, beta, out, header)
         report["out"] = str(out)

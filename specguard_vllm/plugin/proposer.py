@@ -41,6 +41,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
+from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
 from specguard_vllm.plugin.step_state import DraftRowHint
 
 logger = logging.getLogger("vllm.specguard")
@@ -133,7 +134,8 @@ class StepEndPoll:
         if self._posted < 2:
             return False
         previous, previous_event = self._slots[self._posted % 2]
-        previous_event.synchronize()
+        with waits_for_device("step_end_poll", done.device):
+            previous_event.synchronize()
         return bool(previous[0])
 
 
@@ -209,10 +211,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
         counts = [1 if hint.opted_out or hint.needs_no_draft else k for hint in hints]
         greedy = [int(hint.opted_out) for hint in hints]
         waits = [int(not hint.needs_no_draft) for hint in hints]
-        host = torch.tensor([counts, greedy, [self._request_key(r) for r in req_ids],
-                             [hint.open_state for hint in hints], waits],
-                            dtype=torch.int64, pin_memory=device.type == "cuda")
-        counts_t, greedy_t, keys_t, states_t, waits_t = host.to(device, non_blocking=True).unbind(0)
+        counts_t, greedy_t, keys_t, states_t, waits_t = rows_to_device(
+            [counts, greedy, [self._request_key(r) for r in req_ids],
+             [hint.open_state for hint in hints], waits], torch.int64, device).unbind(0)
         starts = [0] * len(counts)
         for i in range(1, len(counts)):
             starts[i] = starts[i - 1] + counts[i - 1]
@@ -476,9 +477,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
             lengths = torch.where(step_ends > 0, step_ends, width)
             positions = torch.arange(width, device=tokens.device)
             loglik = torch.where(positions < lengths.unsqueeze(1), logprobs.double(), 0.0).sum(1)
-            group_reqs = torch.tensor(several, dtype=torch.int64,
-                                      pin_memory=tokens.device.type == "cuda").to(
-                                          tokens.device, non_blocking=True)
+            group_reqs = rows_to_device([several], torch.int64, tokens.device)[0]
             group_rows = cand.starts_t[group_reqs].unsqueeze(1) + torch.arange(k, device=tokens.device)
             best = select_candidates_batched(tokens[group_rows], lengths[group_rows],
                                              loglik[group_rows], self.specguard.specguard.selector)

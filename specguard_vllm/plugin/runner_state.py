@@ -23,6 +23,7 @@ from specguard_vllm.plugin.grounding_capture import (
     TensorParallelRows,
     grounding_layer_names,
 )
+from specguard_vllm.plugin.host_transfer import read_to_host, rows_to_device
 from specguard_vllm.plugin.request_params import resolve_opt_out, resolve_request_params
 from specguard_vllm.plugin.step_state import (
     NO_STEP,
@@ -182,7 +183,9 @@ class SpecGuardRunnerState:
         batch = self.runner.input_batch
         num_reqs = batch.num_reqs
         discarded = self.runner.discard_request_mask.np[:num_reqs]
-        rows = output_token_ids[:num_reqs].tolist()
+        # vLLM reads the same tokens in its bookkeeping, but only after drafting, and the
+        # step table must know them before the proposer runs.
+        rows = read_to_host(output_token_ids[:num_reqs], "committed_tokens")
         vocab = batch.vocab_size
         for i, req_id in enumerate(batch.req_ids[:num_reqs]):
             if bool(discarded[i]):
@@ -231,10 +234,12 @@ class SpecGuardRunnerState:
         req_ids = self.runner.input_batch.req_ids[:num_reqs]
         step_ends = self.runner.drafter.chosen_step_ends
         if step_ends is None or step_ends.shape[0] != num_reqs:
-            step_ends = self.segmenter.step_lengths(drafts, torch.tensor(
-                [self.steps.get(r).open_state for r in req_ids], device=drafts.device))
-        host = torch.cat([drafts.to(torch.int64), step_ends.to(torch.int64).unsqueeze(1),
-                          self._first_eos_ends(drafts).unsqueeze(1)], dim=1).tolist()
+            step_ends = self.segmenter.step_lengths(drafts, rows_to_device(
+                [[self.steps.get(r).open_state for r in req_ids]], torch.int64, drafts.device)[0])
+        # vLLM's own SD reads its drafts to the host here too; the step ends ride along.
+        host = read_to_host(torch.cat([drafts.to(torch.int64), step_ends.to(torch.int64).unsqueeze(1),
+                                       self._first_eos_ends(drafts).unsqueeze(1)], dim=1),
+                            "drafted_rows")
         rows = []
         for req_id, row in zip(req_ids, host):
             *draft, step_end, eos_end = row

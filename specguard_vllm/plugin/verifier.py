@@ -36,7 +36,6 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
@@ -50,6 +49,7 @@ from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import ragged_step_stats, rollout_grounding_min
 from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.plugin.grounding_capture import tensor_parallel_rank_and_size
+from specguard_vllm.plugin.host_transfer import read_to_host, rows_to_device
 from specguard_vllm.plugin.step_state import StepMode, StepVerdicts, row_verdict
 
 if TYPE_CHECKING:
@@ -124,7 +124,8 @@ class SpecGuardRejectionSampler(RejectionSampler):
             proposed.append(step_len)
         return lengths, proposed
 
-    def _grounding(self, metadata, device, step_lens: list[int]) -> torch.Tensor | None:
+    def _grounding(self, metadata, device, step_lens: list[int], num_drafts_t: torch.Tensor,
+                   step_lens_t: torch.Tensor) -> torch.Tensor | None:
         """G_min per row, one batched rollout for all requests (no per-request host sync)."""
         capture = self.state.capture
         if capture is None or not capture.complete_for(metadata.num_draft_tokens):
@@ -139,15 +140,14 @@ class SpecGuardRejectionSampler(RejectionSampler):
             src = masses.device
             # Rollout is causal: a step's positions never depend on the tail after it,
             # so only the first step_lens[i] rows and columns of request i are read.
-            num_drafts = torch.tensor(metadata.num_draft_tokens, dtype=torch.int64)
-            offsets = (torch.cumsum(num_drafts, 0) - num_drafts).to(src)  # [B]
+            num_drafts = num_drafts_t.to(src)
+            offsets = torch.cumsum(num_drafts, 0) - num_drafts  # [B]
             j = torch.arange(n_max, device=src)
             rows = (offsets.unsqueeze(1) + j).clamp(max=num_rows_t - 1)  # [B, n_max]
             cols = j.clamp(max=blocks.shape[2] - 1)
             pm = masses[:, rows].permute(1, 0, 2)  # [B, m, n_max]
             blk = blocks[:, rows.unsqueeze(-1), cols].permute(1, 0, 2, 3)  # [B, m, n_max, n_max]
-            lengths = torch.tensor(step_lens, dtype=torch.int64).to(src)
-            g_min = rollout_grounding_min(pm, blk, lengths).to(device)
+            g_min = rollout_grounding_min(pm, blk, step_lens_t.to(src)).to(device)
         if self.metrics is not None:
             self.metrics.add_grounding_time(capture.seconds)
         capture.seconds = 0.0
@@ -156,24 +156,25 @@ class SpecGuardRejectionSampler(RejectionSampler):
 
     # ---------------------------------------------------------------- forward
     @staticmethod
-    def _prefix_positions(num_drafts: list[int], lengths) -> torch.Tensor:
+    def _prefix_positions(num_drafts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
         """Indices into the flat draft-token arrays of the first ``lengths[i]`` positions of
-        each row ``i`` (vectorised on the host: no loop over requests)."""
-        num_drafts = np.asarray(num_drafts, dtype=np.int64)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        shift = (np.cumsum(num_drafts) - num_drafts) - (np.cumsum(lengths) - lengths)
-        return torch.from_numpy(np.repeat(shift, lengths) + np.arange(int(lengths.sum())))
+        each row ``i`` (``total``: their sum, known on the host), in tensor ops on the
+        device: no loop over requests, no sync."""
+        shift = (torch.cumsum(num_drafts, 0) - num_drafts) - (torch.cumsum(lengths, 0) - lengths)
+        return (torch.repeat_interleave(shift, lengths, output_size=total)
+                + torch.arange(total, device=num_drafts.device))
 
-    def _step_min_logprob(self, metadata, logits, step_lens: list[int], device) -> torch.Tensor:
+    def _step_min_logprob(self, metadata, logits, step_lens: list[int], num_drafts: torch.Tensor,
+                          lengths: torch.Tensor) -> torch.Tensor:
         """LPBV per row over its step's positions only, in one pass over the vocabulary
         (kernels.dispatch: fused Triton kernel on CUDA)."""
         n_list = metadata.num_draft_tokens
         rows = metadata.target_logits_indices
         token_ids = metadata.draft_token_ids
+        device = logits.device
         if list(step_lens) != list(n_list):  # some rows carry a tail: keep step positions
-            index = self._prefix_positions(list(n_list), step_lens).to(device)
+            index = self._prefix_positions(num_drafts, lengths, sum(step_lens))
             rows, token_ids = rows[index], token_ids[index]
-        lengths = torch.tensor(step_lens, dtype=torch.int64, device=device)
         cu = torch.zeros(len(step_lens) + 1, dtype=torch.int64, device=device)
         cu[1:] = torch.cumsum(lengths, 0)
         _, l_min = step_min_logprob(logits, token_ids, cu, max_step_len=max(max(step_lens), 1),
@@ -259,17 +260,17 @@ class SpecGuardRejectionSampler(RejectionSampler):
         return out
 
     def _token_level_rows(self, metadata, draft_probs, logits, sampling_metadata,
-                          forced_lens: list[int]) -> torch.Tensor:
+                          num_drafts: torch.Tensor, forced_lens: torch.Tensor,
+                          num_forced: int) -> torch.Tensor:
         """vLLM's own token-level rejection sampling (lossless) of every row, with the first
-        ``forced_lens[i]`` positions of row ``i`` forced to their drafts, so they are kept with
+        ``forced_lens[i]`` positions of row ``i`` (``num_forced`` in all) forced to their drafts, so they are kept with
         probability 1 (greedy or not) and the row is judged token-level from there: after an
         accepted step (its tail), or at a forbidden token that cuts it. A forced position is never
         a forbidden one (its row would be all -inf). The forced rows are written into ``logits``
         and restored afterwards: only they are copied."""
         positions = saved = None
-        if any(forced_lens):
-            index = self._prefix_positions(list(metadata.num_draft_tokens), forced_lens)
-            index = index.to(logits.device)
+        if num_forced:
+            index = self._prefix_positions(num_drafts, forced_lens, num_forced)
             positions = metadata.target_logits_indices[index]
             tokens = metadata.draft_token_ids[index].to(torch.int64)
             saved = logits[positions]
@@ -288,47 +289,53 @@ class SpecGuardRejectionSampler(RejectionSampler):
         req_ids = list(self.runner.input_batch.req_ids[:num_rows])
         n_list = list(metadata.num_draft_tokens)
         step_lens, proposed = self._step_lengths(req_ids, n_list)
+        device = logits.device
+        # Every per-row host fact the decision needs, in one non-blocking copy (float64 holds
+        # the ints exactly; tau/beta round to float32 as a direct conversion would).
+        taus, betas, speculative = self._request_params(req_ids)
+        knobs = rows_to_device([n_list, step_lens, proposed, speculative,
+                                self._in_token_level_mode(req_ids), taus, betas],
+                               torch.float64, device)
+        num_drafts, step_lens_t, proposed_t, speculative_t, in_token_mode = knobs[:5].to(torch.int64)
+        tau_t, beta_t = knobs[5:].to(torch.float32)
         skipped = self.state.grounding_skipped
         if skipped:  # beta = 1 on every drafted row: the score never reads G
-            g_min = torch.ones(num_rows, dtype=torch.float32, device=logits.device)
+            g_min = torch.ones(num_rows, dtype=torch.float32, device=device)
         else:
-            g_min = self._grounding(metadata, logits.device, step_lens)
+            g_min = self._grounding(metadata, device, step_lens, num_drafts, step_lens_t)
         if g_min is None:
             # Warm-up / profiling runs with dummy metadata: nothing was captured.
             self.state.verdicts = None
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
         started = time.perf_counter()
-        device = logits.device
-        num_drafts = torch.tensor(n_list, dtype=torch.int64, device=device)
-        step_lens_t = torch.tensor(step_lens, dtype=torch.int64, device=device)
         has_step = num_drafts > 0
-        l_min = self._step_min_logprob(metadata, logits, step_lens, device)
+        l_min = self._step_min_logprob(metadata, logits, step_lens, num_drafts, step_lens_t)
         cut = self._first_forbidden(metadata, logits, sampling_metadata, num_drafts, step_lens_t)
 
-        taus, betas, speculative = self._request_params(req_ids)
-        score, accepted = decide_steps(
-            l_min, g_min, tau=torch.tensor(taus, device=device), beta=torch.tensor(betas, device=device),
-            lpbv_floor=self.specguard.specguard.lpbv_floor)
+        score, accepted = decide_steps(l_min, g_min, tau=tau_t, beta=beta_t,
+                                       lpbv_floor=self.specguard.specguard.lpbv_floor)
         # Rows finishing a rejected step token-level are not judged as steps again, nor are
         # steps the scheduler truncated (fewer drafts scheduled than the step has): those are
         # verified token-level and the step stays open.
-        finishing = torch.tensor(self._in_token_level_mode(req_ids), dtype=torch.bool, device=device)
-        finishing = finishing | (has_step & (step_lens_t == 0))
-        truncated = has_step & ~finishing & (torch.tensor(proposed, device=device) > num_drafts)
+        finishing = (in_token_mode != 0) | (has_step & (step_lens_t == 0))
+        truncated = has_step & ~finishing & (proposed_t > num_drafts)
         judged = has_step & ~finishing & ~truncated
         accepted = accepted & judged
         rejected = judged & ~accepted
-        token_level = has_step & (
-            finishing | truncated | (rejected & torch.tensor(speculative, device=device)))
+        token_level = has_step & (finishing | truncated | (rejected & (speculative_t != 0)))
         rejected = rejected & ~token_level
         # Accepted rows with a tail, or with a forbidden token in the step, keep their step up
         # to ``cut`` and are verified token-level from there.
         forced = accepted & (cut < num_drafts)
-        # One host read for every per-row outcome.
-        flags = torch.stack([accepted, rejected, token_level, truncated, forced, judged])
-        *flags, cut_list = torch.cat([flags.to(torch.int64), cut.unsqueeze(0)]).tolist()
+        # The step's one host transfer: every per-row outcome, the cut and the scores (float64
+        # holds the int flags, the cut and the float32 scores exactly).
+        host = read_to_host(torch.stack([v.to(torch.float64) for v in (
+            accepted, rejected, token_level, truncated, forced, judged, cut, l_min, g_min, score)]),
+            "verify_results")
         accepted_list, rejected_list, token_level_list, truncated_list, forced_list, judged_list = (
-            [bool(v) for v in row] for row in flags)
+            [v != 0.0 for v in row] for row in host[:6])
+        cut_list = [int(v) for v in host[6]]
+        l_list, g_list, s_list = host[7:]
 
         # Tokens: the bonus row for accepted / draft-less rows, the step's first
         # position for rejected rows (the target's own token there).
@@ -348,8 +355,9 @@ class SpecGuardRejectionSampler(RejectionSampler):
         if any(token_level_list) or any(forced_list):
             # One call of vLLM's own sampler for every row that needs it.
             token_rows = self._token_level_rows(
-                metadata, draft_probs, logits, sampling_metadata,
-                [c if f else 0 for c, f in zip(cut_list, forced_list)])
+                metadata, draft_probs, logits, sampling_metadata, num_drafts,
+                torch.where(forced, cut, torch.zeros_like(cut)),
+                sum(c for c, f in zip(cut_list, forced_list) if f))
         out = self._assemble(metadata, num_drafts, accepted, token_level | forced, next_tokens,
                              token_rows)
 
@@ -366,7 +374,6 @@ class SpecGuardRejectionSampler(RejectionSampler):
                 bonus_out.logprobs_tensors.logprobs, out)
 
         decisions: list[StepDecision | None] = []
-        l_list, g_list, s_list = l_min.tolist(), g_min.tolist(), score.tolist()
         for i in range(num_rows):
             decisions.append(StepDecision(l_list[i], None if skipped else g_list[i], s_list[i],
                                           bool(accepted_list[i])) if judged_list[i] else None)
