@@ -106,7 +106,7 @@ def install_timers(timer: StepTimer) -> None:
     timer.wrap_step(GPUModelRunner)
     timer.wrap(DraftModelProposer, "propose", "draft")
     timer.wrap(proposer.SpecGuardDraftProposer, "propose", "draft")
-    timer.wrap(proposer.SpecGuardDraftProposer, "_select", "select")
+    timer.wrap(proposer.SpecGuardDraftProposer, "_choose", "select")
     timer.wrap(grounding_capture.GroundingCapture, "on_attention", "capture")
     timer.wrap(RejectionSampler, "forward", "verify")
     timer.wrap(verifier.SpecGuardRejectionSampler, "forward", "verify")

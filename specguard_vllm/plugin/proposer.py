@@ -29,6 +29,7 @@ the runner's SpecGuard state cuts each row after its step delimiter.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -79,9 +80,21 @@ def keyed_uniforms(keys: torch.Tensor, candidates: torch.Tensor,
     never depends on the other rows of the batch, and every rank and device computes
     the same one.
     """
+    return uniforms_at(row_streams(keys, candidates), positions)
+
+
+def row_streams(keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The (request key, candidate) part of :func:`keyed_uniforms`' hash chain, ``[R]``:
+    fixed for a row over a propose call, so each draft position hashes only its position."""
     h = _fmix32(keys & _MASK32)
-    for word in ((keys >> 32) & _MASK32, candidates & _MASK32, positions & _MASK32):
+    for word in ((keys >> 32) & _MASK32, candidates & _MASK32):
         h = _fmix32(h ^ word)
+    return h
+
+
+def uniforms_at(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows' uniforms at ``positions``, from their :func:`row_streams`."""
+    h = _fmix32(streams ^ (positions & _MASK32))
     return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
@@ -97,6 +110,7 @@ class CandidateRows:
     req_of_row: torch.Tensor  # [R] int64: the request of each row
     cand_of_row: torch.Tensor  # [R] int64: the candidate index of each row
     keys: torch.Tensor  # [R] int64: the request's draft-randomness key
+    streams: torch.Tensor  # [R] int64: row_streams(keys, cand_of_row), hashed once per call
     greedy: torch.Tensor | None  # [R] bool: rows drafted greedily (None: no such row)
     open_states: torch.Tensor  # [R] int64: the segmenter state of the request's open step
     waits: torch.Tensor  # [R] bool: drafting goes on until this row's step has ended
@@ -224,6 +238,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         return CandidateRows(
             counts=counts, starts=starts, counts_t=counts_t, starts_t=starts_t,
             req_of_row=req_of_row, cand_of_row=cand_of_row, keys=keys_t[req_of_row],
+            streams=row_streams(keys_t[req_of_row], cand_of_row),
             greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
             open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
             may_stop_early=self.segmenter is not None and not any(
@@ -243,7 +258,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         temperature = self.specguard.specguard.draft_temperature
         if temperature > 0.0:
             cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-            u = keyed_uniforms(cand.keys, cand.cand_of_row, positions)
+            u = uniforms_at(cand.streams, positions)
             sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
             sampled = sampled.squeeze(1).clamp_(max=logits.shape[1] - 1)
             tokens = sampled if cand.greedy is None else torch.where(cand.greedy, tokens, sampled)
@@ -400,6 +415,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         row_positions = positions.to(torch.int64)[cand.req_of_row]  # where each row's draws are
         tokens_out = torch.zeros(rows, K, dtype=torch.int64, device=hidden.device)
         logprobs_out = torch.zeros(rows, K, dtype=torch.float32, device=hidden.device)
+        kept = None  # the chosen row of each request, once chosen
         token, lp = self._sample(first_logits[cand.req_of_row], cand, row_positions)
         tokens_out[:, 0], logprobs_out[:, 0] = token, lp
         length = 1
@@ -430,6 +446,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 cad_e.seq_lens = cad_e.seq_lens - num_rejected_tokens_gpu[:num_reqs][cand.req_of_row]
             positions_e = positions[cand.req_of_row]
             mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
+            draws = cand  # the rows' random streams (narrowed with the rows, never re-keyed)
             for step in range(1, K):
                 positions_e = self._update_positions_dependent_metadata(
                     positions_e, cad_e, rows, padded_rows, self.block_size)
@@ -444,31 +461,53 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                         inputs_embeds=None)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
-                token, lp = self._sample(self._draft_logits(hidden[:rows]), cand,
+                token, lp = self._sample(self._draft_logits(hidden[:rows]), draws,
                                          row_positions + step)
-                tokens_out[:, step], logprobs_out[:, step] = token, lp
                 length = step + 1
+                if kept is not None:  # only the chosen rows are still drafted: their tails
+                    tokens_out[kept, step] = token
+                    continue
+                tokens_out[:, step], logprobs_out[:, step] = token, lp
                 track.push(token, step)
-                if cand.may_stop_early and poll.post(track.all_done()):
-                    break
+                if step + 1 < K and poll.post(track.all_done()):
+                    if cand.may_stop_early:
+                        break
+                    # Every candidate has ended its step and the rows draft on to K (a tail
+                    # for token-level verification): choose now and draft the chosen rows
+                    # alone. Same draws (each row keeps its stream), k times fewer rows.
+                    kept = self._choose(tokens_out[:, :length], logprobs_out[:, :length],
+                                        track.ends, cand)
+                    rows = num_reqs
+                    draws = _narrow_draws(cand, kept)
+                    token, row_positions = token[kept], row_positions[kept]
+                    positions_e = positions_e[kept]
+                    cad_e = _narrow_rows(cad_e, kept, cand.starts, self.arange,
+                                         self._slot_mapping_buffer)
+                    mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
 
-        chosen = self._select(tokens_out[:, :length], logprobs_out[:, :length], track.ends, cand)
+        if kept is None:
+            kept = self._choose(tokens_out[:, :length], logprobs_out[:, :length], track.ends, cand)
+        chosen = self._chosen_rows(tokens_out[:, :length], track.ends, kept)
         if self.metrics is not None:
             # The first pass plus one batched pass per further position drafted.
             self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length,
-                                       candidate_rows=rows)
+                                       candidate_rows=cand.rows)
         return chosen
 
     def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                 cand: CandidateRows) -> torch.Tensor:
         """Keep the most central candidate per request; returns ``[B, K]`` (0-padded) and
-        sets :attr:`chosen_step_ends`.
+        sets :attr:`chosen_step_ends`."""
+        return self._chosen_rows(tokens, step_ends, self._choose(tokens, logprobs, step_ends, cand))
+
+    def _choose(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
+                cand: CandidateRows) -> torch.Tensor:
+        """The row of each request's most central candidate, ``[B]`` (device).
 
         Candidates are compared on their step part only (the whole row where no step ends
         in it); a request with one row keeps it. Every request with k rows in one batched
         call, no host sync.
         """
-        num_reqs = len(cand.counts)
         index = cand.starts_t
         several = [i for i, count in enumerate(cand.counts) if count > 1]
         if several:
@@ -483,11 +522,44 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                              loglik[group_rows], self.specguard.specguard.selector)
             index = index.clone()
             index[group_reqs] = group_rows.gather(1, best.unsqueeze(1)).squeeze(1)
-        out = torch.zeros(num_reqs, self.num_speculative_tokens, dtype=torch.int64,
+        return index
+
+    def _chosen_rows(self, tokens: torch.Tensor, step_ends: torch.Tensor,
+                     index: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` (0-padded): the rows ``index`` of ``tokens``; sets :attr:`chosen_step_ends`."""
+        out = torch.zeros(index.shape[0], self.num_speculative_tokens, dtype=torch.int64,
                           device=tokens.device)
         out[:, : tokens.shape[1]] = tokens.index_select(0, index)
         self.chosen_step_ends = step_ends.index_select(0, index)
         return out
+
+
+def _narrow_draws(cand: CandidateRows, kept: torch.Tensor) -> CandidateRows:
+    """The candidate rows ``kept`` (one per request, in request order) with their streams."""
+    return dataclasses.replace(
+        cand, req_of_row=torch.arange(kept.shape[0], device=kept.device),
+        cand_of_row=cand.cand_of_row[kept], keys=cand.keys[kept], streams=cand.streams[kept],
+        greedy=None if cand.greedy is None else cand.greedy[kept],
+        open_states=cand.open_states[kept], waits=cand.waits[kept])
+
+
+def _narrow_rows(cad, kept: torch.Tensor, starts: list[int], arange: torch.Tensor,
+                 slot_mapping_buffer: torch.Tensor):
+    """The drafting attention metadata of the rows ``kept`` only (one per request).
+
+    Each kept row keeps its block table (its scratch blocks for candidates >= 1) and
+    sequence length; a request's rows share their host upper bound, so its first row's is
+    read with host indices (no sync)."""
+    num = kept.shape[0]
+    bound = cad.seq_lens_cpu_upper_bound
+    return cad.replace(
+        num_reqs=num, num_actual_tokens=num,
+        query_start_loc=arange[: num + 1],
+        query_start_loc_cpu=torch.arange(num + 1, dtype=torch.int32),
+        seq_lens=cad.seq_lens[kept],
+        seq_lens_cpu_upper_bound=None if bound is None else bound[torch.tensor(starts)],
+        block_table_tensor=cad.block_table_tensor[kept],
+        slot_mapping=slot_mapping_buffer[:num])
 
 
 class _StepEnds:
