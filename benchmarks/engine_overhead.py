@@ -89,8 +89,9 @@ class StepTimer:
             finally:
                 total = timer.step_seconds + time.perf_counter() - started
                 if timer.num_reqs and timer.decode_only:
-                    timer.steps.append({"num_reqs": timer.num_reqs, "total": total,
-                                        **{p: timer.parts.get(p, 0.0) for p in PARTS}})
+                    parts = {p: timer.parts.get(p, 0.0) for p in PARTS}
+                    parts["draft"] -= parts["select"]  # the selector runs inside the proposer
+                    timer.steps.append({"num_reqs": timer.num_reqs, "total": total, **parts})
 
         runner_cls.execute_model = execute_model
         runner_cls.sample_tokens = sample_tokens
@@ -106,7 +107,7 @@ def install_timers(timer: StepTimer) -> None:
     timer.wrap_step(GPUModelRunner)
     timer.wrap(DraftModelProposer, "propose", "draft")
     timer.wrap(proposer.SpecGuardDraftProposer, "propose", "draft")
-    timer.wrap(proposer.SpecGuardDraftProposer, "_choose", "select")
+    timer.wrap(proposer.SpecGuardDraftProposer, "_choose_among", "select")
     timer.wrap(grounding_capture.GroundingCapture, "on_attention", "capture")
     timer.wrap(RejectionSampler, "forward", "verify")
     timer.wrap(verifier.SpecGuardRejectionSampler, "forward", "verify")

@@ -43,7 +43,9 @@ def proposer(requests=None, *, k=4, temperature=0.7, config_seed=0, engine_seed=
     p = SpecGuardDraftProposer.__new__(SpecGuardDraftProposer)
     p.specguard = SimpleNamespace(specguard=SpecGuardParams(
         num_candidates=k, draft_temperature=temperature, seed=config_seed))
-    p.vllm_config = SimpleNamespace(model_config=SimpleNamespace(seed=engine_seed))
+    p.vllm_config = SimpleNamespace(model_config=SimpleNamespace(seed=engine_seed),
+                                    scheduler_config=SimpleNamespace(max_num_seqs=4))
+    p._tail_staging = {}
     p._owner = SimpleNamespace(requests=requests or {})
     p._request_keys = {}
     p.segmenter = segmenter()
@@ -228,25 +230,27 @@ def test_select_compares_candidates_on_their_step_part_only():
     assert out[0, :4].tolist() == [0, 2, 0, 0]  # equal steps: the higher step log-likelihood
 
 
-def test_early_stop_waits_for_k_tokens_when_any_request_drafts_past_its_step():
-    from specguard_vllm.plugin.proposer import _StepEnds
+def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
+    from specguard_vllm.plugin.proposer import _LiveRows
 
     p = proposer(k=2)
-    step_hints = [DraftRowHint(), DraftRowHint()]
-    cand = p._candidate_rows(step_hints, ["a", "b"], 2, torch.device("cpu"))
-    assert cand.may_stop_early
-    track = _StepEnds(p.segmenter, cand)
-    track.push(torch.tensor([2, 0, 2, 2]), 0)
-    assert not bool(track.all_done())
-    track.push(torch.tensor([0, 2, 0, 0]), 1)
-    assert bool(track.all_done()) and track.ends.tolist() == [1, 2, 1, 1]
-    mixed = [DraftRowHint(), DraftRowHint(opted_out=True, drafts_past_step=True)]
-    assert not p._candidate_rows(mixed, ["a", "b"], 2, torch.device("cpu")).may_stop_early
-    idle = [DraftRowHint(needs_no_draft=True)]
-    cand = p._candidate_rows(idle, ["a"], 2, torch.device("cpu"))
-    assert bool(_StepEnds(p.segmenter, cand).all_done())  # no row waits: stop after one token
+    cand = p._candidate_rows([DraftRowHint(), DraftRowHint()], ["a", "b"], 2, torch.device("cpu"))
+    live = _LiveRows.start(p.segmenter, cand, torch.zeros(4, dtype=torch.int64))
+    live.push(torch.tensor([2, 0, 2, 2]), 0)
+    assert live.requests_done(2).tolist() == [False, True]
+    live.push(torch.tensor([0, 2, 0, 0]), 1)
+    assert live.requests_done(2).tolist() == [True, True] and live.ends.tolist() == [1, 2, 1, 1]
+    # Narrowed to rows 1 and 2: the dropped rows' step ends are kept.
+    narrow = live.narrowed(torch.tensor([1, 2]))
+    assert narrow.row_ids().tolist() == [1, 2] and narrow.full_ends().tolist() == [1, 2, 1, 1]
+    narrow.push(torch.tensor([5, 5]), 2)
+    assert narrow.requests_done(2).tolist() == [True, True]
+    idle = p._candidate_rows([DraftRowHint(needs_no_draft=True)], ["a"], 2, torch.device("cpu"))
+    live = _LiveRows.start(p.segmenter, idle, torch.zeros(1, dtype=torch.int64))
+    assert live.requests_done(1).tolist() == [True]  # no row waits: done before any token
     opened = [DraftRowHint(open_state=p.segmenter.state_after([0]))]
     assert p._candidate_rows(opened, ["a"], 2, torch.device("cpu")).open_states.tolist() == [0, 0]
+
 
 
 # ------------------------------------------------------------------ the opt-out

@@ -162,3 +162,12 @@ def test_opted_out_request_costs_one_draft_row_and_vllm_sds_target_forwards(runs
     assert phase["iterations"] == runs["sd"]["iterations"]
     alone = runs["specguard"]["seeded_alone"]["counters"]
     assert alone["draft_candidate_rows"] > alone["draft_calls"]  # SpecGuard requests: k rows
+
+
+def test_rows_of_requests_whose_candidates_ended_stop_drafting_while_others_go_on(runs):
+    """In the mixed batch the opted-out rows draft to K; the SpecGuard requests' k rows stop
+    once their own candidates have all ended the step (row compaction), not at K."""
+    counters = runs["specguard"]["mixed"]["counters"]
+    print("row-positions drafted:", counters["draft_row_positions"], "of",
+          counters["draft_row_positions_uncompacted"])
+    assert 0 < counters["draft_row_positions"] < counters["draft_row_positions_uncompacted"]

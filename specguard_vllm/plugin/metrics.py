@@ -32,6 +32,8 @@ class StepCounters:
     draft_calls: int = 0
     draft_forward_passes: int = 0  # batched passes: a pass over B*k candidate rows counts once
     draft_candidate_rows: int = 0  # per call, per request: k, or 1 with SpecGuard off for it
+    draft_row_positions: int = 0  # rows sampled summed over positions (row compaction shrinks it)
+    draft_row_positions_uncompacted: int = 0  # the same had every row drafted every position
     verify_calls: int = 0
     decisions: list = field(default_factory=list)  # (lpbv, abgv, score, accepted), bounded
 
@@ -93,12 +95,15 @@ class SpecGuardMetrics:
     def set_tracked(self, count: int) -> None:
         self.tracked.labels(self._model).set(count)
 
-    def observe_draft(self, seconds: float, forward_passes: int = 0, candidate_rows: int = 0) -> None:
+    def observe_draft(self, seconds: float, forward_passes: int = 0, candidate_rows: int = 0,
+                      row_positions: int = 0) -> None:
         with self._lock:
             self.counters.draft_seconds += seconds
             self.counters.draft_calls += 1
             self.counters.draft_forward_passes += forward_passes
             self.counters.draft_candidate_rows += candidate_rows
+            self.counters.draft_row_positions += row_positions
+            self.counters.draft_row_positions_uncompacted += candidate_rows * forward_passes
             self.draft_time.labels(self._model).observe(seconds)
 
 

@@ -17,11 +17,14 @@ lookahead slots and every ``isinstance`` check keep working). Per engine step:
    extra blocks appended to the draft layers' KV tensors that the scheduler
    never sees;
 4. each row's step end is tracked on the device by the step segmenter's automaton
-   (one table gather per position, no text decoded); the loop stops early once every
-   candidate has ended its step (on CUDA the "all ended" flag is read one position
-   late from pinned memory, so the host never stalls the device for it);
-5. the self-consistency selector keeps the most central candidate, for all requests
-   at once in tensor ops.
+   (one table gather per position, no text decoded). Once all k candidates of a request
+   have ended the step, its rows are settled (in groups, see row_compaction): the
+   selector chooses among them and only the chosen row drafts on to K tokens (fallback
+   ``speculative``, SpecGuard off) or none does; the loop ends when no row is left. The
+   "done" flags reach the host once per position (on CUDA one position late, from
+   pinned memory, so the host never stalls the device for them);
+5. the self-consistency selector keeps the most central candidate of the requests
+   still to choose, all at once in tensor ops.
 
 Returns ``[B, K]`` and leaves the chosen rows' step ends in :attr:`chosen_step_ends`;
 the runner's SpecGuard state cuts each row after its step delimiter.
@@ -43,6 +46,7 @@ from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
+from specguard_vllm.plugin.row_compaction import RowCompaction
 from specguard_vllm.plugin.step_state import DraftRowHint
 
 logger = logging.getLogger("vllm.specguard")
@@ -114,7 +118,6 @@ class CandidateRows:
     greedy: torch.Tensor | None  # [R] bool: rows drafted greedily (None: no such row)
     open_states: torch.Tensor  # [R] int64: the segmenter state of the request's open step
     waits: torch.Tensor  # [R] bool: drafting goes on until this row's step has ended
-    may_stop_early: bool  # host: no request drafts to K tokens regardless of its step
 
     @property
     def rows(self) -> int:
@@ -122,35 +125,36 @@ class CandidateRows:
 
 
 class StepEndPoll:
-    """Whether every candidate has ended its step, read without stalling the device.
+    """Which requests' candidates have all ended their step, read without stalling the device.
 
-    Elsewhere than CUDA the flag is read at once. On CUDA each position's flag is copied
-    to pinned memory asynchronously and the previous position's is read: by then the
-    next forward is already queued, so the device never idles for the host, and at
-    most one position more than needed is drafted (its tokens are past every step).
+    Elsewhere than CUDA the flags are read at once. On CUDA each position's flags are
+    copied to pinned memory asynchronously and the previous position's are read: by then
+    the next forward is already queued, so the device never idles for the host, and a
+    request's rows are dropped at most one position later than they could be.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, num_reqs: int):
         self.lagged = device.type == "cuda"
         self._posted = 0
         if self.lagged:
-            self._slots = [(torch.zeros(1, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
-                           for _ in range(2)]
+            self._slots = [(torch.zeros(num_reqs, dtype=torch.bool, pin_memory=True),
+                            torch.cuda.Event()) for _ in range(2)]
 
-    def post(self, done: torch.Tensor) -> bool:
-        """Post this position's flag; True when drafting may stop now."""
+    def post(self, done: torch.Tensor) -> torch.Tensor | None:
+        """Post this position's ``[B]`` flags; returns the latest flags readable now (host),
+        None while there are none yet."""
         if not self.lagged:
-            return bool(done)
+            return done.cpu()
         buffer, event = self._slots[self._posted % 2]
-        buffer.copy_(done.view(1), non_blocking=True)
+        buffer.copy_(done, non_blocking=True)
         event.record()
         self._posted += 1
         if self._posted < 2:
-            return False
+            return None
         previous, previous_event = self._slots[self._posted % 2]
         with waits_for_device("step_end_poll", done.device):
             previous_event.synchronize()
-        return bool(previous[0])
+        return previous.clone()
 
 
 def scratch_blocks_per_row(block_size: int, max_step: int) -> int:
@@ -173,6 +177,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
         self.row_hints: list[DraftRowHint] | None = None
         self._scratch_base: int | None = None
         self._scratch_blocks_per_row = 0
+        # CPU only: where the copy-on-write stages the tail blocks (see _copy_tail_blocks).
+        self._tail_staging: dict[tuple, torch.Tensor] = {}
         # Ids the draft may propose: the shared tokenizer's (set by the runner's SpecGuard
         # state). A draft whose embedding is padded past it never proposes a padding id.
         self.proposable_ids: int | None = None
@@ -240,28 +246,29 @@ class SpecGuardDraftProposer(DraftModelProposer):
             req_of_row=req_of_row, cand_of_row=cand_of_row, keys=keys_t[req_of_row],
             streams=row_streams(keys_t[req_of_row], cand_of_row),
             greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
-            open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
-            may_stop_early=self.segmenter is not None and not any(
-                hint.drafts_past_step and not hint.needs_no_draft for hint in hints))
+            open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row])
 
-    def _sample(self, logits: torch.Tensor, cand: CandidateRows,
-                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, cand: CandidateRows, positions: torch.Tensor,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
 
         Inverse-CDF sampling of all rows at once, each from its own keyed uniform
-        (``positions``: the position whose logits these are), so a request's draws
-        depend only on it; greedy rows take the argmax.
+        (``positions``: the position whose logits these are; ``uniforms``: the rows'
+        draws there when the caller computed them already), so a request's draws depend
+        only on it; greedy rows take the argmax.
         """
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        tokens = logits.argmax(dim=-1)
         temperature = self.specguard.specguard.draft_temperature
         if temperature > 0.0:
             cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-            u = uniforms_at(cand.streams, positions)
-            sampled = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
-            sampled = sampled.squeeze(1).clamp_(max=logits.shape[1] - 1)
-            tokens = sampled if cand.greedy is None else torch.where(cand.greedy, tokens, sampled)
+            u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
+            tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+            tokens = tokens.squeeze(1).clamp_(max=logits.shape[1] - 1)
+            if cand.greedy is not None:
+                tokens = torch.where(cand.greedy, logits.argmax(dim=-1), tokens)
+        else:
+            tokens = logits.argmax(dim=-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
     def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -362,10 +369,32 @@ class SpecGuardDraftProposer(DraftModelProposer):
         padded = torch.cat([expanded, expanded.new_zeros(cand.rows, per_row)], dim=1)
         padded[row.unsqueeze(1), tail_col.unsqueeze(1) + offsets] = \
             (scratch0.unsqueeze(1) + offsets).to(padded.dtype)
-        src = block_table[req_of_extra, tail_col].to(torch.int64)
-        for _, layer in self._draft_layers():
-            layer.kv_cache.index_copy_(0, scratch0, layer.kv_cache.index_select(0, src))
+        self._copy_tail_blocks(block_table[req_of_extra, tail_col].to(torch.int64), scratch0)
         return padded[:, :max_cols].contiguous()
+
+    def _copy_tail_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy draft KV blocks ``src`` to ``dst`` in every draft layer (copy-on-write).
+
+        On CPU the blocks are gathered into a buffer kept across steps: a fresh multi-MiB
+        gather buffer per step page-faults (measured: 12 ms per call at batch 64 with
+        128-token blocks, 0.2 ms into a kept buffer). CUDA's caching allocator reuses
+        its memory, so there the gather needs no buffer of its own.
+        """
+        for _, layer in self._draft_layers():
+            cache = layer.kv_cache
+            if cache.device.type == "cuda":
+                cache.index_copy_(0, dst, cache.index_select(0, src))
+                continue
+            key = (tuple(cache.shape[1:]), cache.dtype)
+            staging = self._tail_staging.get(key)
+            if staging is None or staging.shape[0] < src.shape[0]:
+                rows = self.vllm_config.scheduler_config.max_num_seqs * \
+                    (self.specguard.specguard.num_candidates - 1)
+                staging = cache.new_empty((max(rows, src.shape[0]), *cache.shape[1:]))
+                self._tail_staging[key] = staging
+            gathered = staging[: src.shape[0]]
+            torch.index_select(cache, 0, src, out=gathered)
+            cache.index_copy_(0, dst, gathered)
 
     # ------------------------------------------------------------------ propose
     def propose(self, num_speculative_tokens, target_token_ids, target_positions,
@@ -410,23 +439,30 @@ class SpecGuardDraftProposer(DraftModelProposer):
         hints = self.row_hints if self.row_hints is not None and len(self.row_hints) == num_reqs \
             else [DraftRowHint()] * num_reqs
         cand = self._candidate_rows(hints, req_ids, k, hidden.device)
-        rows = cand.rows
+        compaction = RowCompaction(cand.counts, [hint.drafts_past_step for hint in hints],
+                                   [hint.needs_no_draft for hint in hints])
         positions = self.positions[sample_idx][:num_reqs].clone()  # position of the bonus token
-        row_positions = positions.to(torch.int64)[cand.req_of_row]  # where each row's draws are
-        tokens_out = torch.zeros(rows, K, dtype=torch.int64, device=hidden.device)
-        logprobs_out = torch.zeros(rows, K, dtype=torch.float32, device=hidden.device)
-        kept = None  # the chosen row of each request, once chosen
-        token, lp = self._sample(first_logits[cand.req_of_row], cand, row_positions)
+        live = _LiveRows.start(self.segmenter, cand, positions.to(torch.int64)[cand.req_of_row])
+        tokens_out = torch.zeros(cand.rows, K, dtype=torch.int64, device=hidden.device)
+        logprobs_out = torch.zeros(cand.rows, K, dtype=torch.float32, device=hidden.device)
+        kept = cand.starts_t.clone()  # each request's chosen row (set as requests are chosen)
+        # Every row's draws at the K positions, hashed once for the call ([R, K]).
+        uniforms = uniforms_at(cand.streams.unsqueeze(1), live.positions.unsqueeze(1)
+                               + torch.arange(K, device=hidden.device)) \
+            if self.specguard.specguard.draft_temperature > 0.0 else None
+        token, lp = self._sample(first_logits[cand.req_of_row], live, live.positions,
+                                 None if uniforms is None else uniforms[:, 0])
         tokens_out[:, 0], logprobs_out[:, 0] = token, lp
         length = 1
-        track = _StepEnds(self.segmenter, cand)
-        track.push(token, 0)
-        poll = StepEndPoll(hidden.device)
+        live.push(token, 0)
+        drafted_rows = cand.rows  # row-positions sampled, the first pass's included (metrics)
+        poll = StepEndPoll(hidden.device, num_reqs)
 
-        if K > 1 and not (cand.may_stop_early and poll.post(track.all_done())):
+        if K > 1:
             self.ensure_scratch(k, K)
             seq_lens = cad.seq_lens[:num_reqs].clone()
             block_table = cad.block_table_tensor[:num_reqs]
+            rows = cand.rows
             cad_e = cad.replace(
                 num_reqs=rows, num_actual_tokens=rows, max_query_len=1,
                 query_start_loc=self.arange[: rows + 1],
@@ -446,8 +482,23 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 cad_e.seq_lens = cad_e.seq_lens - num_rejected_tokens_gpu[:num_reqs][cand.req_of_row]
             positions_e = positions[cand.req_of_row]
             mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
-            draws = cand  # the rows' random streams (narrowed with the rows, never re-keyed)
             for step in range(1, K):
+                # Requests whose candidates have all ended their step keep one row (the
+                # chosen one, drafting on to K) or none; see row_compaction.
+                done = poll.post(live.requests_done(num_reqs))
+                narrowing = None if done is None else compaction.plan(done)
+                if narrowing is not None:
+                    local = self._settle(narrowing, compaction, live, kept, cand,
+                                         tokens_out[:, :length], logprobs_out[:, :length])
+                    compaction.apply(narrowing)
+                    rows = compaction.total
+                    if rows == 0:
+                        break
+                    live = live.narrowed(local)
+                    token, positions_e = token[local], positions_e[local]
+                    cad_e = _narrow_rows(cad_e, local, narrowing.bound_rows, self.arange,
+                                         self._slot_mapping_buffer)
+                    mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
                 positions_e = self._update_positions_dependent_metadata(
                     positions_e, cad_e, rows, padded_rows, self.block_size)
                 _, per_layer = self.build_per_group_and_layer_attn_metadata(cad_e, draft_index=step)
@@ -461,38 +512,40 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                         inputs_embeds=None)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
-                token, lp = self._sample(self._draft_logits(hidden[:rows]), draws,
-                                         row_positions + step)
+                token, lp = self._sample(self._draft_logits(hidden[:rows]), live,
+                                         live.positions + step, live.column(uniforms, step))
+                live.write(tokens_out, logprobs_out, step, token, lp)
+                live.push(token, step)
                 length = step + 1
-                if kept is not None:  # only the chosen rows are still drafted: their tails
-                    tokens_out[kept, step] = token
-                    continue
-                tokens_out[:, step], logprobs_out[:, step] = token, lp
-                track.push(token, step)
-                if step + 1 < K and poll.post(track.all_done()):
-                    if cand.may_stop_early:
-                        break
-                    # Every candidate has ended its step and the rows draft on to K (a tail
-                    # for token-level verification): choose now and draft the chosen rows
-                    # alone. Same draws (each row keeps its stream), k times fewer rows.
-                    kept = self._choose(tokens_out[:, :length], logprobs_out[:, :length],
-                                        track.ends, cand)
-                    rows = num_reqs
-                    draws = _narrow_draws(cand, kept)
-                    token, row_positions = token[kept], row_positions[kept]
-                    positions_e = positions_e[kept]
-                    cad_e = _narrow_rows(cad_e, kept, cand.starts, self.arange,
-                                         self._slot_mapping_buffer)
-                    mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
+                drafted_rows += rows
 
-        if kept is None:
-            kept = self._choose(tokens_out[:, :length], logprobs_out[:, :length], track.ends, cand)
-        chosen = self._chosen_rows(tokens_out[:, :length], track.ends, kept)
+        step_ends = live.full_ends()
+        unchosen = compaction.unchosen()
+        if unchosen.numel():
+            kept[unchosen.to(kept.device)] = self._choose_among(
+                tokens_out[:, :length], logprobs_out[:, :length], step_ends, cand,
+                unchosen.to(kept.device))
+        chosen = self._chosen_rows(tokens_out[:, :length], step_ends, kept)
         if self.metrics is not None:
             # The first pass plus one batched pass per further position drafted.
             self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length,
-                                       candidate_rows=cand.rows)
+                                       candidate_rows=cand.rows, row_positions=drafted_rows)
         return chosen
+
+    def _settle(self, narrowing, compaction: RowCompaction, live: _LiveRows, kept: torch.Tensor,
+                cand: CandidateRows, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        """Choose among the candidates of the requests settled now that keep a row, and
+        return the indices (into the live rows) of the rows that go on drafting."""
+        device = kept.device
+        settled, keeps_one = rows_to_device(
+            [narrowing.settled.tolist(), compaction.keeps_one.tolist()], torch.bool,
+            device).unbind(0)
+        if narrowing.choose.numel():
+            choose = narrowing.choose.to(device, non_blocking=True)
+            kept[choose] = self._choose_among(tokens, logprobs, live.full_ends(), cand, choose)
+        req = live.req
+        keep = ~settled[req] | (keeps_one[req] & (live.row_ids() == kept[req]))
+        return torch.nonzero_static(keep, size=narrowing.total_after).view(-1)
 
     def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                 cand: CandidateRows) -> torch.Tensor:
@@ -502,27 +555,32 @@ class SpecGuardDraftProposer(DraftModelProposer):
 
     def _choose(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                 cand: CandidateRows) -> torch.Tensor:
-        """The row of each request's most central candidate, ``[B]`` (device).
-
-        Candidates are compared on their step part only (the whole row where no step ends
-        in it); a request with one row keeps it. Every request with k rows in one batched
-        call, no host sync.
-        """
-        index = cand.starts_t
+        """The row of each request's most central candidate, ``[B]`` (device); a request
+        with one row keeps it."""
+        index = cand.starts_t.clone()
         several = [i for i, count in enumerate(cand.counts) if count > 1]
         if several:
-            k = self.specguard.specguard.num_candidates
-            width = tokens.shape[1]
-            lengths = torch.where(step_ends > 0, step_ends, width)
-            positions = torch.arange(width, device=tokens.device)
-            loglik = torch.where(positions < lengths.unsqueeze(1), logprobs.double(), 0.0).sum(1)
-            group_reqs = rows_to_device([several], torch.int64, tokens.device)[0]
-            group_rows = cand.starts_t[group_reqs].unsqueeze(1) + torch.arange(k, device=tokens.device)
-            best = select_candidates_batched(tokens[group_rows], lengths[group_rows],
-                                             loglik[group_rows], self.specguard.specguard.selector)
-            index = index.clone()
-            index[group_reqs] = group_rows.gather(1, best.unsqueeze(1)).squeeze(1)
+            group = rows_to_device([several], torch.int64, tokens.device)[0]
+            index[group] = self._choose_among(tokens, logprobs, step_ends, cand, group)
         return index
+
+    def _choose_among(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
+                      cand: CandidateRows, requests: torch.Tensor) -> torch.Tensor:
+        """The chosen row of each of ``requests`` (k candidates each), ``[C]`` (device).
+
+        Candidates are compared on their step part only (the whole row where no step ends
+        in it), every request in one batched selector call, no host sync.
+        """
+        k = self.specguard.specguard.num_candidates
+        width = tokens.shape[1]
+        group_rows = cand.starts_t[requests].unsqueeze(1) + torch.arange(k, device=tokens.device)
+        ends = step_ends[group_rows]
+        lengths = torch.where(ends > 0, ends, width)
+        inside = torch.arange(width, device=tokens.device) < lengths.unsqueeze(-1)
+        loglik = torch.where(inside, logprobs[group_rows].double(), 0.0).sum(-1)
+        best = select_candidates_batched(tokens[group_rows], lengths, loglik,
+                                         self.specguard.specguard.selector)
+        return group_rows.gather(1, best.unsqueeze(1)).squeeze(1)
 
     def _chosen_rows(self, tokens: torch.Tensor, step_ends: torch.Tensor,
                      index: torch.Tensor) -> torch.Tensor:
@@ -534,50 +592,95 @@ class SpecGuardDraftProposer(DraftModelProposer):
         return out
 
 
-def _narrow_draws(cand: CandidateRows, kept: torch.Tensor) -> CandidateRows:
-    """The candidate rows ``kept`` (one per request, in request order) with their streams."""
-    return dataclasses.replace(
-        cand, req_of_row=torch.arange(kept.shape[0], device=kept.device),
-        cand_of_row=cand.cand_of_row[kept], keys=cand.keys[kept], streams=cand.streams[kept],
-        greedy=None if cand.greedy is None else cand.greedy[kept],
-        open_states=cand.open_states[kept], waits=cand.waits[kept])
-
-
-def _narrow_rows(cad, kept: torch.Tensor, starts: list[int], arange: torch.Tensor,
+def _narrow_rows(cad, local: torch.Tensor, bound_rows: torch.Tensor, arange: torch.Tensor,
                  slot_mapping_buffer: torch.Tensor):
-    """The drafting attention metadata of the rows ``kept`` only (one per request).
+    """The drafting attention metadata of the rows ``local`` (device indices into the
+    current rows) only.
 
     Each kept row keeps its block table (its scratch blocks for candidates >= 1) and
-    sequence length; a request's rows share their host upper bound, so its first row's is
-    read with host indices (no sync)."""
-    num = kept.shape[0]
+    sequence length; a request's rows share their host upper bound, so it is read at
+    ``bound_rows`` (host indices of a current row of the same request, no sync)."""
+    num = bound_rows.shape[0]
     bound = cad.seq_lens_cpu_upper_bound
     return cad.replace(
         num_reqs=num, num_actual_tokens=num,
         query_start_loc=arange[: num + 1],
         query_start_loc_cpu=torch.arange(num + 1, dtype=torch.int32),
-        seq_lens=cad.seq_lens[kept],
-        seq_lens_cpu_upper_bound=None if bound is None else bound[torch.tensor(starts)],
-        block_table_tensor=cad.block_table_tensor[kept],
+        seq_lens=cad.seq_lens[local],
+        seq_lens_cpu_upper_bound=None if bound is None else bound[bound_rows],
+        block_table_tensor=cad.block_table_tensor[local],
         slot_mapping=slot_mapping_buffer[:num])
 
 
-class _StepEnds:
-    """Each candidate row's step end, tracked as tokens are drafted (device tensors)."""
+@dataclass
+class _LiveRows:
+    """The candidate rows still drafting (device tensors), with each one's step end.
 
-    def __init__(self, segmenter, cand: CandidateRows):
-        self.segmenter = segmenter
-        self.states = cand.open_states
-        self.ends = torch.zeros_like(cand.open_states)  # 0: not ended yet
-        self.waits = cand.waits
+    ``rows`` maps them to the call's candidate rows (None: all of them, in order); the
+    step ends of rows dropped earlier are kept in ``dropped_ends``.
+    """
+
+    segmenter: StepSegmenter | None
+    rows: torch.Tensor | None  # [Ra] int64: candidate row of each live row
+    req: torch.Tensor  # [Ra] int64: its request
+    streams: torch.Tensor  # [Ra] its random stream (row_streams)
+    greedy: torch.Tensor | None  # [Ra] bool: drafted greedily (None: no such row)
+    positions: torch.Tensor  # [Ra] int64: where its draws of this call start
+    states: torch.Tensor  # [Ra] int64: step automaton state
+    ends: torch.Tensor  # [Ra] int64: step end (0: not ended yet)
+    waits: torch.Tensor  # [Ra] bool: its request waits for this row's step to end
+    dropped_ends: torch.Tensor  # [R] int64: step ends of every candidate row, as last flushed
+
+    @classmethod
+    def start(cls, segmenter, cand: CandidateRows, positions: torch.Tensor) -> _LiveRows:
+        ends = torch.zeros_like(cand.open_states)
+        return cls(segmenter=segmenter, rows=None, req=cand.req_of_row, streams=cand.streams,
+                   greedy=cand.greedy, positions=positions, states=cand.open_states,
+                   ends=ends, waits=cand.waits, dropped_ends=ends)
 
     def push(self, tokens: torch.Tensor, position: int) -> None:
+        """Advance each row's step automaton by its token drafted at ``position``."""
         if self.segmenter is None:
             return
         self.states = self.segmenter.advance_rows(self.states, tokens)
         ended = (self.states == self.segmenter.END) & (self.ends == 0)
         self.ends = torch.where(ended, position + 1, self.ends)
 
-    def all_done(self) -> torch.Tensor:
-        """A 0-d bool: every row that waits for its step has ended it."""
-        return ((self.ends > 0) | ~self.waits).all()
+    def requests_done(self, num_reqs: int) -> torch.Tensor:
+        """``[B]`` bool: every live row of the request that waits for its step has ended it
+        (a request with no live row counts as done)."""
+        pending = ((self.ends == 0) & self.waits).to(torch.int64)
+        return torch.zeros(num_reqs, dtype=torch.int64, device=pending.device) \
+            .index_add_(0, self.req, pending) == 0
+
+    def row_ids(self) -> torch.Tensor:
+        if self.rows is None:
+            return torch.arange(self.req.shape[0], device=self.req.device)
+        return self.rows
+
+    def full_ends(self) -> torch.Tensor:
+        """``[R]``: the step end of every candidate row of the call, live or dropped."""
+        if self.rows is None:
+            return self.ends
+        return self.dropped_ends.index_copy(0, self.rows, self.ends)
+
+    def column(self, per_row: torch.Tensor | None, step: int) -> torch.Tensor | None:
+        """Column ``step`` of an ``[R, K]`` tensor over the call's rows, for the live rows."""
+        if per_row is None:
+            return None
+        return per_row[:, step] if self.rows is None else per_row[self.rows, step]
+
+    def write(self, tokens_out: torch.Tensor, logprobs_out: torch.Tensor, step: int,
+              token: torch.Tensor, lp: torch.Tensor) -> None:
+        if self.rows is None:
+            tokens_out[:, step], logprobs_out[:, step] = token, lp
+        else:
+            tokens_out[self.rows, step], logprobs_out[self.rows, step] = token, lp
+
+    def narrowed(self, local: torch.Tensor) -> _LiveRows:
+        """The live rows ``local`` only (indices into the current live rows)."""
+        return dataclasses.replace(
+            self, rows=self.row_ids()[local], req=self.req[local], streams=self.streams[local],
+            greedy=None if self.greedy is None else self.greedy[local],
+            positions=self.positions[local], states=self.states[local], ends=self.ends[local],
+            waits=self.waits[local], dropped_ends=self.full_ends())
