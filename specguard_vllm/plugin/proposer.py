@@ -248,8 +248,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
             greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
             open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row])
 
-    def _sample(self, logits: torch.Tensor, cand: CandidateRows, positions: torch.Tensor,
-                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, cand: CandidateRows,
+                positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
 
         Inverse-CDF sampling of all rows at once, each from its own keyed uniform
@@ -450,8 +450,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
         uniforms = uniforms_at(cand.streams.unsqueeze(1), live.positions.unsqueeze(1)
                                + torch.arange(K, device=hidden.device)) \
             if self.specguard.specguard.draft_temperature > 0.0 else None
-        token, lp = self._sample(first_logits[cand.req_of_row], live, live.positions,
-                                 None if uniforms is None else uniforms[:, 0])
+        token, lp = self._sample(first_logits[cand.req_of_row], live,
+                                 uniforms=live.column(uniforms, 0))
         tokens_out[:, 0], logprobs_out[:, 0] = token, lp
         length = 1
         live.push(token, 0)
@@ -513,18 +513,15 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
                 token, lp = self._sample(self._draft_logits(hidden[:rows]), live,
-                                         live.positions + step, live.column(uniforms, step))
+                                         uniforms=live.column(uniforms, step))
                 live.write(tokens_out, logprobs_out, step, token, lp)
                 live.push(token, step)
                 length = step + 1
                 drafted_rows += rows
 
         step_ends = live.full_ends()
-        unchosen = compaction.unchosen()
-        if unchosen.numel():
-            kept[unchosen.to(kept.device)] = self._choose_among(
-                tokens_out[:, :length], logprobs_out[:, :length], step_ends, cand,
-                unchosen.to(kept.device))
+        self._choose_into(kept, compaction.unchosen(), tokens_out[:, :length],
+                          logprobs_out[:, :length], step_ends, cand)
         chosen = self._chosen_rows(tokens_out[:, :length], step_ends, kept)
         if self.metrics is not None:
             # The first pass plus one batched pass per further position drafted.
@@ -540,29 +537,27 @@ class SpecGuardDraftProposer(DraftModelProposer):
         settled, keeps_one = rows_to_device(
             [narrowing.settled.tolist(), compaction.keeps_one.tolist()], torch.bool,
             device).unbind(0)
-        if narrowing.choose.numel():
-            choose = narrowing.choose.to(device, non_blocking=True)
-            kept[choose] = self._choose_among(tokens, logprobs, live.full_ends(), cand, choose)
+        self._choose_into(kept, narrowing.choose, tokens, logprobs, live.full_ends(), cand)
         req = live.req
         keep = ~settled[req] | (keeps_one[req] & (live.row_ids() == kept[req]))
         return torch.nonzero_static(keep, size=narrowing.total_after).view(-1)
 
     def _select(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                 cand: CandidateRows) -> torch.Tensor:
-        """Keep the most central candidate per request; returns ``[B, K]`` (0-padded) and
-        sets :attr:`chosen_step_ends`."""
-        return self._chosen_rows(tokens, step_ends, self._choose(tokens, logprobs, step_ends, cand))
-
-    def _choose(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
-                cand: CandidateRows) -> torch.Tensor:
-        """The row of each request's most central candidate, ``[B]`` (device); a request
-        with one row keeps it."""
+        """Keep the most central candidate per request (a request with one row keeps it);
+        returns ``[B, K]`` (0-padded) and sets :attr:`chosen_step_ends`."""
         index = cand.starts_t.clone()
-        several = [i for i, count in enumerate(cand.counts) if count > 1]
-        if several:
-            group = rows_to_device([several], torch.int64, tokens.device)[0]
-            index[group] = self._choose_among(tokens, logprobs, step_ends, cand, group)
-        return index
+        several = (torch.tensor(cand.counts) > 1).nonzero().view(-1)
+        self._choose_into(index, several, tokens, logprobs, step_ends, cand)
+        return self._chosen_rows(tokens, step_ends, index)
+
+    def _choose_into(self, index: torch.Tensor, requests: torch.Tensor, tokens: torch.Tensor,
+                     logprobs: torch.Tensor, step_ends: torch.Tensor, cand: CandidateRows) -> None:
+        """Set ``index[r]`` (device) to the chosen row of each request ``r`` of ``requests``
+        (host indices, k candidates each); nothing to do for none."""
+        if requests.numel():
+            requests = requests.to(index.device, non_blocking=True)
+            index[requests] = self._choose_among(tokens, logprobs, step_ends, cand, requests)
 
     def _choose_among(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                       cand: CandidateRows, requests: torch.Tensor) -> torch.Tensor:
