@@ -7,10 +7,12 @@ here: the whole step (``execute_model`` + ``sample_tokens``), and inside it the 
 sampler) and SpecGuard's per-request bookkeeping; the rest is the target forward and
 vLLM's own work. Only steady-state decode steps with exactly ``batch`` running requests
 count (``ignore_eos``, so every request stays until ``max_tokens``). Both configurations
-use the same draft, K and prompts in the same run; ratios are what to read on a noisy box.
+use the same draft, K and prompts; both engines stay alive for the run, a warm-up round
+visits every batch size untimed, and the timed rounds alternate the two (order rotating),
+so drift on a noisy box hits both alike. Ratios are what to read.
 
     .venv/bin/python benchmarks/engine_overhead.py [--batches 1,8,32,64] [--max-tokens 64]
-        [--config configs/specguard.yaml] [--json PATH]
+        [--repeats 3] [--config configs/specguard.yaml] [--json PATH]
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ def install_timers(timer: StepTimer) -> None:
             timer.wrap(runner_state.SpecGuardRunnerState, name, "bookkeeping")
 
 
-def run_worker(spec: dict) -> list[dict]:
+def run_worker(spec: dict) -> None:
+    """Serve measurement requests from the driver: one JSON line in (``{"batch": b}``), the
+    batch's steady-state steps out; ``READY`` once warm, ends at EOF."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # runner in this process
     from transformers import AutoTokenizer
     from vllm import SamplingParams
@@ -125,38 +129,85 @@ def run_worker(spec: dict) -> list[dict]:
     from specguard_vllm.evaluation.datasets import load_items, prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(spec["target"])
-    items = load_items("tiny", max(spec["batches"]), split="test")
+    items = load_items("tiny", spec["max_batch"], split="test")
     prompts = [prompt_ids(item, tokenizer) for item in items]
-    llm = make_llm(spec["target"], spec["speculative_config"], max_num_seqs=max(spec["batches"]))
+    llm = make_llm(spec["target"], spec["speculative_config"], max_num_seqs=spec["max_batch"])
     timer = StepTimer()
     timer.max_spec = int(spec["num_speculative_tokens"])
     install_timers(timer)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
-    rows = []
-    for batch in spec["batches"]:
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        batch = json.loads(line)["batch"]
         timer.steps.clear()
         batch_prompts = [prompts[i % len(prompts)] for i in range(batch)]
         started = time.perf_counter()
         outputs = llm.generate([{"prompt_token_ids": p} for p in batch_prompts], params,
                                use_tqdm=False)
         wall = time.perf_counter() - started
-        steps = [s for s in timer.steps if s["num_reqs"] == batch]
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        if not steps:
-            raise RuntimeError(f"no steady-state step with {batch} requests was recorded")
-        row = {"config": spec["name"], "batch": batch, "steps": len(steps),
-               "tokens_per_s": tokens / wall,
-               "step_ms": 1000 * statistics.median(s["total"] for s in steps)}
-        for part in PARTS:
-            row[f"{part}_ms"] = 1000 * statistics.median(s[part] for s in steps)
-        row["rest_ms"] = row["step_ms"] - sum(row[f"{p}_ms"] for p in PARTS)
-        row["tokens_per_step"] = tokens / max(len(timer.steps), 1) / batch
-        rows.append(row)
-        print(f"{spec['name']} batch {batch}: {row['step_ms']:.1f} ms/step", file=sys.stderr,
-              flush=True)
+        print(json.dumps({
+            "batch": batch, "wall": wall, "all_steps": len(timer.steps),
+            "tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "steps": [s for s in timer.steps if s["num_reqs"] == batch]}), flush=True)
     shutdown_llm(llm)
-    return rows
+
+
+class Worker:
+    """One configuration's engine in its own process, alive for the whole run."""
+
+    def __init__(self, spec: dict, log_dir: Path):
+        self.name = spec["name"]
+        self.log = open(log_dir / f"engine_overhead.{self.name}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, cwd=REPO)
+
+    def _line(self) -> str:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                tail = Path(self.log.name).read_text(errors="replace")[-4000:]
+                raise SystemExit(f"{self.name} worker exited with {self.proc.returncode}:\n{tail}")
+            if line.startswith("READY") or line.startswith("{"):
+                return line
+
+    def wait_ready(self) -> None:
+        self._line()
+
+    def run(self, batch: int) -> dict:
+        self.proc.stdin.write(json.dumps({"batch": batch}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def summarise(name: str, batch: int, runs: list[dict]) -> dict:
+    """A row from a configuration's timed runs at one batch size: medians over all their
+    steady-state steps."""
+    steps = [s for run in runs for s in run["steps"]]
+    if not steps:
+        raise RuntimeError(f"{name}: no steady-state step with {batch} requests was recorded")
+    row = {"config": name, "batch": batch, "steps": len(steps), "repeats": len(runs),
+           "tokens_per_s": statistics.median(run["tokens"] / run["wall"] for run in runs),
+           "step_ms": 1000 * statistics.median(s["total"] for s in steps),
+           "step_ms_per_run": [1000 * statistics.median(s["total"] for s in run["steps"])
+                               for run in runs if run["steps"]]}
+    for part in PARTS:
+        row[f"{part}_ms"] = 1000 * statistics.median(s[part] for s in steps)
+    row["rest_ms"] = row["step_ms"] - sum(row[f"{p}_ms"] for p in PARTS)
+    row["tokens_per_step"] = sum(run["tokens"] for run in runs) / max(
+        sum(run["all_steps"] for run in runs), 1) / batch
+    return row
 
 
 # ----------------------------------------------------------------------- the driver
@@ -197,26 +248,51 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default=str(REPO / "models/tiny-target"))
     parser.add_argument("--config", default=str(REPO / "configs/specguard.yaml"))
     parser.add_argument("--json", default=str(REPO / "benchmarks/results/engine_overhead.json"))
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds per batch size after one untimed warm-up round")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        run_worker(json.loads(args.worker))
         return 0
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
-    for spec in speculative_configs(Path(args.config)):
-        spec.update(target=args.target, batches=batches, max_tokens=args.max_tokens)
-        result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                capture_output=True, text=True, cwd=REPO, check=False)
-        if result.returncode != 0:
-            raise SystemExit(f"{spec['name']} failed:\n{result.stderr[-4000:]}")
-        rows += json.loads(result.stdout.strip().splitlines()[-1])
-    table = render(rows)
-    print(f"\nHost time per engine step (median of steady-state decode steps), "
-          f"{args.max_tokens} tokens per request, config {args.config}\n\n{table}")
+    if args.repeats < 1 or not batches or min(batches) < 1:
+        parser.error("--repeats and every batch size must be >= 1")
+    specs = speculative_configs(Path(args.config))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": args.config, "rows": rows}, indent=2))
+    workers = []
+    try:
+        for spec in specs:  # both alive at once; their start-ups overlap
+            spec.update(target=args.target, max_batch=max(batches), max_tokens=args.max_tokens)
+            workers.append(Worker(spec, out.parent))
+        for worker in workers:
+            worker.wait_ready()
+        # Round 0 warms every batch size untimed (a first pass at a new batch size is slow);
+        # then the timed rounds alternate the configurations, their order rotating.
+        runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+        for round_index in range(args.repeats + 1):
+            for batch in batches:
+                shift = round_index % len(workers)
+                for worker in workers[shift:] + workers[:shift]:
+                    result = worker.run(batch)
+                    if round_index > 0:
+                        runs[(worker.name, batch)].append(result)
+                        steps = [s["total"] for s in result["steps"]]
+                        median = 1000 * statistics.median(steps) if steps else float("nan")
+                        print(f"round {round_index} {worker.name} batch {batch}: "
+                              f"{median:.1f} ms/step", file=sys.stderr, flush=True)
+    finally:
+        for worker in workers:
+            worker.close()
+    rows = [summarise(spec["name"], batch, runs[(spec["name"], batch)])
+            for spec in specs for batch in batches]
+    table = render(rows)
+    print(f"\nHost time per engine step (median of the steady-state decode steps of "
+          f"{args.repeats} timed rounds), {args.max_tokens} tokens per request, config "
+          f"{args.config}\n\n{table}")
+    out.write_text(json.dumps({"config": args.config, "repeats": args.repeats, "rows": rows},
+                              indent=2))
     print(f"\nwrote {out}")
     return 0
 

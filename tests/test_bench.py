@@ -179,6 +179,7 @@ def test_concurrency_levels():
     (["--dataset", "math"], "MATH"),
     (["--target", "/nonexistent/model"], "/nonexistent/model"),
     (["--server", "--concurrency", "1,zero"], "--concurrency"),
+    (["--server", "--repeats", "0"], "--repeats"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", *args],
@@ -275,6 +276,7 @@ def test_bench_against_a_running_server(tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "specguard_vllm.cli", "bench", "--server-url", url,
              "--skip-offline", "--n", "2", "--concurrency", "2", "--configs", "specguard,lpbv-only",
+             "--repeats", "2",
              "--json", str(out), "--out-dir", str(tmp_path / "out"), "--no-plots"],
             check=False, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -284,3 +286,30 @@ def test_bench_against_a_running_server(tmp_path):
     for row in rows:
         assert row["n"] == 2 and row["errors"] == 0
         assert row["step_acceptance"] is not None and row["target_forwards"] is None
+        assert row["repeats"] == 2 and len(row["tokens_per_s_runs"]) == 2
+        assert min(row["tokens_per_s_runs"]) <= row["tokens_per_s"] <= max(row["tokens_per_s_runs"])
+
+
+def test_served_row_takes_the_median_of_its_rounds_and_counts_every_rounds_errors():
+    from specguard_vllm.evaluation.bench import _served_row
+    from specguard_vllm.evaluation.bench_configs import BenchConfig
+    from specguard_vllm.evaluation.bench_metrics import ProblemResult
+
+    def run(wall, tokens, error=None, accepted=3.0, rejected=1.0):
+        results = [ProblemResult("sd", "a", True, tokens, 0.5, 0.1, 0, 0, 0, 0),
+                   ProblemResult("sd", "b", error is None, 0 if error else tokens, 0.5, 0.1,
+                                 0, 0, 0, 0, error=error)]
+        return {"results": results, "wall": wall, "steps_accepted": accepted,
+                "steps_rejected": rejected, "accepted_draft_tokens": tokens,
+                "engine_iterations": 10.0 * wall}
+
+    config = BenchConfig(name="sd", engine="sd", group="baseline")
+    runs = [run(2.0, 100), run(1.0, 100, error="boom"), run(4.0, 100)]
+    row = _served_row(config, 8, runs)
+    assert row["mode"] == "server-c8" and row["repeats"] == 3
+    assert row["tokens_per_s_runs"] == [100.0, 100.0, 50.0]  # the failed request's tokens are 0
+    assert row["tokens_per_s"] == 100.0 and row["wall_s"] == 2.0
+    assert row["errors"] == 1  # from the second round, though accuracy is the first round's
+    assert row["accuracy"] == 1.0 and row["n"] == 2
+    assert row["step_acceptance"] == 9.0 / 12.0
+    assert row["engine_iterations"] == 20.0

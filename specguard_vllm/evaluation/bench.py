@@ -3,7 +3,8 @@
 Offline: one engine process per engine configuration, all alive at once; every problem is
 sent to every configuration in turn (the order rotates per problem), one request at a
 time, so drift hits all alike and per-request counters are exact. Server: real
-`vllm serve` processes driven through the OpenAI client at concurrency 1 and N.
+`vllm serve` processes, all alive at once, driven through the OpenAI client at each
+concurrency level: a warm-up round, then repeated timed rounds in rotating order.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ from specguard_vllm.evaluation.bench_metrics import (
     paired_outcomes,
     summarise,
 )
+from specguard_vllm.evaluation.server_client import metric_delta, run_requests, scrape_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
@@ -135,55 +138,98 @@ def _server_for(spec: EngineSpec, target: str, urls: dict[str, str], scratch_dir
 
 def run_server(target: str, engines: list[EngineSpec], configs: list[BenchConfig], items,
                prompts: list[list[int]], *, max_tokens: int, concurrencies: list[int], grade,
-               progress=None, scratch_dir: str, urls: dict[str, str] | None = None) -> list[dict]:
-    """Each engine as a `vllm serve` (started here, or running at ``urls[engine key]``); its
-    configurations at every concurrency level."""
-    from specguard_vllm.evaluation.server_client import metric_delta, run_requests, scrape_metrics
+               progress=None, scratch_dir: str, urls: dict[str, str] | None = None,
+               repeats: int = 3) -> list[dict]:
+    """Each engine as a `vllm serve` (started here, or running at ``urls[engine key]``), all
+    alive at once; its configurations at every concurrency level.
 
-    rows = []
+    Round 0 sends every cell (configuration x concurrency) once untimed: a server's first
+    pass at a batch size it has not run yet is slow (measured: vLLM SD at concurrency 64,
+    3.06 s and 207 engine iterations on its first pass, 0.81 s and 25 on the next), and
+    would otherwise be charged to whichever cell comes first. Then ``repeats`` timed
+    rounds, the order of the configurations rotating per round so drift on a shared box
+    hits all alike; a cell's tokens/s is the median of its rounds (all of them in
+    ``tokens_per_s_runs``), its accuracy that of the first timed round.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     urls = urls or {}
-    for spec in engines:
-        served = [c for c in configs if c.engine == spec.key]
-        if not served or (urls and spec.key not in urls):
-            continue
-        with _server_for(spec, target, urls, scratch_dir) as (base_url, model):
-            run_requests(base_url, model, prompts[:1], max_tokens=8, concurrency=1)  # warm-up
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[str, str]] = {}
+        for spec in engines:
+            if any(c.engine == spec.key for c in configs) and (not urls or spec.key in urls):
+                servers[spec.key] = stack.enter_context(_server_for(spec, target, urls, scratch_dir))
+        for base_url, model in servers.values():
+            run_requests(base_url, model, prompts[:1], max_tokens=8, concurrency=1)
+        served = [c for c in configs if c.engine in servers]
+        cells: dict[tuple[str, int], list[dict]] = {}
+        for round_index in range(repeats + 1):
+            shift = round_index % len(served) if served else 0
             for concurrency in concurrencies:
-                for config in served:
-                    before = scrape_metrics(base_url)
-                    started = time.perf_counter()
-                    extra_body = {"vllm_xargs": config.overrides} if config.overrides else None
-                    answers = run_requests(base_url, model, prompts, max_tokens=max_tokens,
-                                           concurrency=concurrency, extra_body=extra_body,
-                                           progress=progress)
-                    wall = time.perf_counter() - started
-                    after = scrape_metrics(base_url)
-                    results = [ProblemResult(
-                        config.name, item.id, a.error is None and bool(grade(item, a.text)),
-                        a.output_tokens, a.latency_s, a.ttft_s, 0, 0, 0, 0, error=a.error,
-                        text=a.text) for item, a in zip(items, answers)]
-                    row = summarise(config.name, results, mode=f"server-c{concurrency}",
-                                    params=config.params, group=config.group)
-                    steps_acc = _labelled_delta(before, after, "specguard_steps_total",
-                                                'decision="accepted"')
-                    steps_rej = _labelled_delta(before, after, "specguard_steps_total",
-                                                'decision="rejected"')
-                    row["tokens_per_s"] = row["output_tokens"] / wall if wall else None
-                    row["wall_s"] = wall
-                    row["scorer_overhead"] = None  # measured in the worker: offline rows only
-                    row["step_acceptance"] = (steps_acc / (steps_acc + steps_rej)
-                                              if steps_acc + steps_rej else None)
-                    accepted = metric_delta(before, after, "vllm:spec_decode_num_accepted_tokens_total")
-                    row["draft_token_share"] = (accepted / row["output_tokens"]
-                                                if row["output_tokens"] else None)
-                    # Engine iterations are shared by concurrent requests: per-request
-                    # forward counts come from the offline run.
-                    row["engine_iterations"] = metric_delta(before, after,
-                                                             "vllm:iteration_tokens_total_count")
-                    row["target_forwards"] = row["draft_forwards"] = None
-                    row["tokens_per_target_forward"] = None
-                    rows.append(row)
+                for config in served[shift:] + served[:shift]:
+                    base_url, model = servers[config.engine]
+                    measured = _served_cell(base_url, model, config, items, prompts, grade,
+                                            max_tokens=max_tokens, concurrency=concurrency,
+                                            progress=progress)
+                    if round_index > 0:
+                        cells.setdefault((config.name, concurrency), []).append(measured)
+    rows = []
+    for concurrency in concurrencies:
+        for config in served:
+            rows.append(_served_row(config, concurrency, cells[(config.name, concurrency)]))
     return rows
+
+
+def _served_cell(base_url: str, model: str, config: BenchConfig, items, prompts, grade, *,
+                 max_tokens: int, concurrency: int, progress) -> dict:
+    """One pass of every prompt at ``concurrency``: results, wall and the server's counters."""
+    before = scrape_metrics(base_url)
+    started = time.perf_counter()
+    extra_body = {"vllm_xargs": config.overrides} if config.overrides else None
+    answers = run_requests(base_url, model, prompts, max_tokens=max_tokens,
+                           concurrency=concurrency, extra_body=extra_body, progress=progress)
+    wall = time.perf_counter() - started
+    after = scrape_metrics(base_url)
+    results = [ProblemResult(
+        config.name, item.id, a.error is None and bool(grade(item, a.text)),
+        a.output_tokens, a.latency_s, a.ttft_s, 0, 0, 0, 0, error=a.error,
+        text=a.text) for item, a in zip(items, answers)]
+    return {
+        "results": results, "wall": wall,
+        "steps_accepted": _labelled_delta(before, after, "specguard_steps_total",
+                                          'decision="accepted"'),
+        "steps_rejected": _labelled_delta(before, after, "specguard_steps_total",
+                                          'decision="rejected"'),
+        "accepted_draft_tokens": metric_delta(
+            before, after, "vllm:spec_decode_num_accepted_tokens_total"),
+        # Engine iterations are shared by concurrent requests: per-request forward counts
+        # come from the offline run.
+        "engine_iterations": metric_delta(before, after, "vllm:iteration_tokens_total_count"),
+    }
+
+
+def _served_row(config: BenchConfig, concurrency: int, runs: list[dict]) -> dict:
+    """The bench row of one served cell from its timed rounds."""
+    row = summarise(config.name, runs[0]["results"], mode=f"server-c{concurrency}",
+                    params=config.params, group=config.group)
+    row["errors"] = sum(r.error is not None for run in runs for r in run["results"])
+    rates = [sum(r.output_tokens for r in run["results"] if r.error is None) / run["wall"]
+             if run["wall"] else 0.0 for run in runs]
+    row["repeats"] = len(runs)
+    row["tokens_per_s"] = statistics.median(rates)
+    row["tokens_per_s_runs"] = rates
+    row["wall_s"] = statistics.median(run["wall"] for run in runs)
+    row["scorer_overhead"] = None  # measured in the worker: offline rows only
+    accepted = sum(run["steps_accepted"] for run in runs)
+    rejected = sum(run["steps_rejected"] for run in runs)
+    row["step_acceptance"] = accepted / (accepted + rejected) if accepted + rejected else None
+    tokens = sum(r.output_tokens for run in runs for r in run["results"] if r.error is None)
+    row["draft_token_share"] = (sum(run["accepted_draft_tokens"] for run in runs) / tokens
+                                if tokens else None)
+    row["engine_iterations"] = statistics.median(run["engine_iterations"] for run in runs)
+    row["target_forwards"] = row["draft_forwards"] = None
+    row["tokens_per_target_forward"] = None
+    return row
 
 
 def _title(meta: dict) -> str:
@@ -252,8 +298,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         n = args.n if args.n is not None else (24 if args.quick else 100)
-        if n < 1 or args.max_tokens < 1:
-            raise ValueError(f"--n and --max-tokens must be >= 1 (got {n}, {args.max_tokens})")
+        if n < 1 or args.max_tokens < 1 or args.repeats < 1:
+            raise ValueError(f"--n, --max-tokens and --repeats must be >= 1 (got {n}, "
+                             f"{args.max_tokens}, {args.repeats})")
         if not os.path.isdir(args.target):
             raise ValueError(f"--target: no such model directory: {args.target}")
         only = [c.strip() for c in args.configs.split(",")] if args.configs else None
@@ -290,7 +337,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         served = [c for c in configs if c.name in SERVED or c.group in ("fallback", "calibrated")] \
             if use_servers else []
     offline = [] if args.skip_offline else configs
-    total = len(items) * (len(offline) + len(served) * len(concurrencies))
+    total = len(items) * (len(offline) + len(served) * len(concurrencies) * (args.repeats + 1))
     started = time.perf_counter()
     with tqdm(total=total, desc="bench", unit="req", mininterval=2.0, file=sys.stderr) as bar:
         def progress(_name=None):
@@ -305,7 +352,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if served:
             rows += run_server(target, engines, served, items, prompts, max_tokens=args.max_tokens,
                                concurrencies=concurrencies, grade=is_correct, progress=progress,
-                               scratch_dir=scratch, urls=urls)
+                               scratch_dir=scratch, urls=urls, repeats=args.repeats)
     add_comparisons(rows)
     meta = {
         "command": "specguard bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
@@ -341,6 +388,9 @@ def add_bench_command(subparsers) -> None:
                        "configs through real `vllm serve` + OpenAI client")
     bench.add_argument("--concurrency", default="8",
                        help="server runs: N (run at 1 and N) or a comma list, e.g. 1,8,32,64")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="server runs: timed rounds per cell after one untimed warm-up round "
+                       "(tokens/s is their median)")
     bench.add_argument("--server-url", help="a running SpecGuard `vllm serve` (same config): run "
                        "the configurations it can serve through vllm_xargs against it")
     bench.add_argument("--target-url", help="a running target-only `vllm serve` of the same target")
