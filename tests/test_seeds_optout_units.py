@@ -243,7 +243,7 @@ def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
     # Narrowed to rows 1 and 2: the dropped rows' step ends are kept.
     narrow = live.narrowed(torch.tensor([1, 2]))
     assert narrow.row_ids().tolist() == [1, 2] and narrow.full_ends().tolist() == [1, 2, 1, 1]
-    narrow.push(torch.tensor([5, 5]), 2)
+    narrow.push(torch.tensor([0, 0]), 2)
     assert narrow.requests_done(2).tolist() == [True, True]
     idle = p._candidate_rows([DraftRowHint(needs_no_draft=True)], ["a"], 2, torch.device("cpu"))
     live = _LiveRows.start(p.segmenter, idle, torch.zeros(1, dtype=torch.int64))

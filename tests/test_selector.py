@@ -136,3 +136,26 @@ def test_batched_selection_equals_the_per_request_choice(k, width, measure, data
     want = [select_candidate([tokens[g][c][: lengths[g][c]] for c in range(k)], loglik[g], measure)
             for g in range(groups)]
     assert got == want
+
+
+def _lcs(x, y):
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i, u in enumerate(x):
+        for j, v in enumerate(y):
+            table[i + 1][j + 1] = table[i][j] + 1 if u == v else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(1, 9), data=st.data())
+def test_batched_lcs_lengths_equal_the_textbook_table(width, data):
+    """The engine's LCS (four tensor ops per position, no mask) equals the classic table on
+    every pair, with the rows padded past their lengths as the selector pads them."""
+    from specguard_vllm.core.selector import _lcs_lengths
+
+    pairs = data.draw(st.integers(1, 6))
+    rows = [[data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=width)) for _ in range(2)]
+            for _ in range(pairs)]
+    a = torch.tensor([x + [-1] * (width - len(x)) for x, _ in rows])
+    b = torch.tensor([y + [-2] * (width - len(y)) for _, y in rows])
+    assert _lcs_lengths(a, b).tolist() == [_lcs(x, y) for x, y in rows]

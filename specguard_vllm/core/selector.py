@@ -77,18 +77,20 @@ def select_candidate(
     return max(tied, key=lambda i: (log_likelihoods[i], -i))
 
 
-def _lcs_lengths(a: torch.Tensor, b: torch.Tensor, len_a: torch.Tensor) -> torch.Tensor:
+def _lcs_lengths(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """LCS length of each pair of rows ``a[p], b[p]`` (``[P, L]``; positions past a row's
     length hold values that match nothing). One pass per position of ``a``: with
     ``v[j] = max(dp[i-1][j], dp[i-1][j-1] + [a_i == b_j])``, the table's row i is the
-    running maximum of ``v`` (``dp[i][j] = max(dp[i][j-1], v[j])``)."""
+    running maximum of ``v`` (``dp[i][j] = max(dp[i][j-1], v[j])``). A position of ``a``
+    past its length matches nothing and leaves the row as it was (``dp`` is already
+    nondecreasing along ``j``), so no mask is needed; ``dp`` sits behind a zero column so
+    that its shift is a view. Four ops per position: the loop runs on small tensors."""
     pairs, width = a.shape
-    dp = torch.zeros(pairs, width, dtype=torch.int64, device=a.device)
+    matches = (a.unsqueeze(2) == b.unsqueeze(1)).to(torch.int64)  # [P, L(a), L(b)]
+    padded = torch.zeros(pairs, width + 1, dtype=torch.int64, device=a.device)
+    dp, shifted = padded[:, 1:], padded[:, :-1]
     for i in range(width):
-        eq = (a[:, i : i + 1] == b).to(torch.int64)
-        shifted = torch.cat([dp.new_zeros(pairs, 1), dp[:, :-1]], dim=1)
-        row = torch.cummax(torch.maximum(dp, shifted + eq), dim=1).values
-        dp = torch.where((i < len_a).unsqueeze(1), row, dp)
+        dp.copy_(torch.cummax(torch.maximum(dp, shifted + matches[:, i]), dim=1).values)
     return dp[:, -1]
 
 
@@ -117,22 +119,24 @@ def select_candidates_batched(tokens: torch.Tensor, lengths: torch.Tensor,
     pos = torch.arange(width, device=tokens.device)
     lengths = lengths.to(torch.int64)
     valid = pos < lengths.unsqueeze(-1)  # [G, k, L]
+    # Both measures are symmetric: each unordered pair once, then mirrored.
+    first, second = torch.triu_indices(k, k, offset=1, device=tokens.device)
     # Positions past a candidate's length never match: -1 on the a side, -2 on the b side.
-    a = torch.where(valid, tokens.to(torch.int64), -1).unsqueeze(2).expand(groups, k, k, width)
-    b = torch.where(valid, tokens.to(torch.int64), -2).unsqueeze(1).expand(groups, k, k, width)
-    len_a = lengths.unsqueeze(2).expand(groups, k, k).reshape(-1)
-    len_b = lengths.unsqueeze(1).expand(groups, k, k).reshape(-1)
-    a, b = a.reshape(-1, width), b.reshape(-1, width)
+    a = torch.where(valid, tokens.to(torch.int64), -1)[:, first].reshape(-1, width)
+    b = torch.where(valid, tokens.to(torch.int64), -2)[:, second].reshape(-1, width)
+    len_a, len_b = lengths[:, first].reshape(-1), lengths[:, second].reshape(-1)
     if measure == "rouge_l":
-        common = _lcs_lengths(a, b, len_a)
+        common = _lcs_lengths(a, b)
     elif measure == "token_f1":
         common = _multiset_overlaps(a, b, len_a, len_b)
     else:
         raise ValueError(f"unknown similarity measure {measure!r} (expected 'rouge_l' or 'token_f1')")
     total = (len_a + len_b).to(torch.float64)
-    sim = torch.where(total > 0, 2.0 * common.to(torch.float64) / total.clamp(min=1), 1.0)
-    sim = torch.where((len_a == 0) ^ (len_b == 0), 0.0, sim).view(groups, k, k)
-    sim = sim * (1 - torch.eye(k, dtype=torch.float64, device=tokens.device))
+    pair_sim = torch.where(total > 0, 2.0 * common.to(torch.float64) / total.clamp(min=1), 1.0)
+    pair_sim = torch.where((len_a == 0) ^ (len_b == 0), 0.0, pair_sim).view(groups, -1)
+    sim = torch.zeros(groups, k, k, dtype=torch.float64, device=tokens.device)
+    sim[:, first, second] = pair_sim
+    sim[:, second, first] = pair_sim
     centrality = sim.sum(-1) / (k - 1)
     tied = centrality >= centrality.max(dim=1, keepdim=True).values - TIE_TOLERANCE
     loglik = torch.where(tied, log_likelihoods.to(torch.float64), float("-inf"))

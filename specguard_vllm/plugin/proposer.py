@@ -634,10 +634,14 @@ class _LiveRows:
                    ends=ends, waits=cand.waits, dropped_ends=ends)
 
     def push(self, tokens: torch.Tensor, position: int) -> None:
-        """Advance each row's step automaton by its token drafted at ``position``."""
+        """Advance each row's step automaton by its token drafted at ``position``.
+
+        The tokens are the draft's own samples, below ``proposable_ids`` (at most the
+        segmenter's vocabulary, see the runner's SpecGuard state), so the unchecked
+        one-gather advance applies."""
         if self.segmenter is None:
             return
-        self.states = self.segmenter.advance_rows(self.states, tokens)
+        self.states = self.segmenter.advance_drafted(self.states, tokens)
         ended = (self.states == self.segmenter.END) & (self.ends == 0)
         self.ends = torch.where(ended, position + 1, self.ends)
 
