@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,8 +76,8 @@ class StepTimer:
         @functools.wraps(propose)
         def with_timed_model(proposer, *args, **kwargs):
             model = getattr(proposer, "model", None)
-            if model is not None and "forward" not in vars(model):
-                model.forward = _timed_call(timer, model.forward, "draft_forward")
+            if model is not None and "forward" not in vars(model):  # once per instance
+                timer.wrap(model, "forward", "draft_forward")
             return propose(proposer, *args, **kwargs)
 
         proposer_cls.propose = with_timed_model
@@ -113,17 +114,6 @@ class StepTimer:
 
         runner_cls.execute_model = execute_model
         runner_cls.sample_tokens = sample_tokens
-
-
-def _timed_call(timer: StepTimer, function, part: str):
-    @functools.wraps(function)
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            timer.parts[part] += time.perf_counter() - started
-    return timed
 
 
 def install_timers(timer: StepTimer) -> None:
@@ -295,11 +285,12 @@ def main(argv=None) -> int:
     specs = speculative_configs(Path(args.config))
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="engine-overhead-"))  # the engines' own output
     workers = []
     try:
         for spec in specs:  # both alive at once; their start-ups overlap
             spec.update(target=args.target, max_batch=max(batches), max_tokens=args.max_tokens)
-            workers.append(Worker(spec, out.parent))
+            workers.append(Worker(spec, logs))
         for worker in workers:
             worker.wait_ready()
         # Round 0 warms every batch size untimed (a first pass at a new batch size is slow);

@@ -138,14 +138,6 @@ def test_batched_selection_equals_the_per_request_choice(k, width, measure, data
     assert got == want
 
 
-def _lcs(x, y):
-    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
-    for i, u in enumerate(x):
-        for j, v in enumerate(y):
-            table[i + 1][j + 1] = table[i][j] + 1 if u == v else max(table[i][j + 1], table[i + 1][j])
-    return table[-1][-1]
-
-
 @settings(max_examples=200, deadline=None)
 @given(width=st.integers(1, 9), data=st.data())
 def test_batched_lcs_lengths_equal_the_textbook_table(width, data):
@@ -158,4 +150,4 @@ def test_batched_lcs_lengths_equal_the_textbook_table(width, data):
             for _ in range(pairs)]
     a = torch.tensor([x + [-1] * (width - len(x)) for x, _ in rows])
     b = torch.tensor([y + [-2] * (width - len(y)) for _, y in rows])
-    assert _lcs_lengths(a, b).tolist() == [_lcs(x, y) for x, y in rows]
+    assert _lcs_lengths(a, b).tolist() == [lcs_table(x, y) for x, y in rows]
