@@ -268,7 +268,8 @@ class ReferenceDecoder:
         """k candidate steps from one batched draft pass per token (SPECGUARD.md 2.1).
 
         A candidate stops at its step's end, or with ``fallback: speculative`` runs on past it
-        to ``max_len`` tokens, as the engine drafts (section 4); an EOS stops it either way.
+        to ``max_len`` tokens, greedily, as the engine drafts (section 4: only the step's
+        tokens are sampled at draft_temperature); an EOS stops it either way.
         """
         k, temperature = params.num_candidates, params.draft_temperature
         full_rows = params.fallback == "speculative"
@@ -282,6 +283,8 @@ class ReferenceDecoder:
         done = [False] * k
         for position in range(max_len):
             tokens = _sample(logits, temperature, req.draft_gen)
+            past_step = torch.tensor([n is not None for n in step_lens])
+            tokens = torch.where(past_step, logits.argmax(dim=-1), tokens)  # tails: greedy
             logprobs = torch.log_softmax(logits, dim=-1)
             for c in range(k):
                 if done[c]:

@@ -208,6 +208,37 @@ def test_speculative_fallback_with_sampled_candidates_is_still_lossless(decoder)
         assert decoder.generate(ids, max_tokens=40, params=params).token_ids == target_only.token_ids
 
 
+def test_candidates_sample_their_step_and_draft_their_tail_greedily(decoder, monkeypatch):
+    """Sampled candidates (T = 1.0) run past their step's end greedily: each tail token is
+    the draft's argmax after the row so far, as token-level SD's draft does."""
+    params = decoder.config.specguard.model_copy(update={
+        "tau": 0.0, "fallback": "speculative", "num_candidates": 3, "draft_temperature": 1.0})
+    seen = []
+    draft_candidates = decoder._draft_candidates
+
+    def spy(req, step_params, max_len):
+        candidates = draft_candidates(req, step_params, max_len)
+        seen.append((list(req.committed), candidates))
+        return candidates
+
+    monkeypatch.setattr(decoder, "_draft_candidates", spy)
+    for prompt in PROMPTS:
+        decoder.generate(encode(decoder, prompt), max_tokens=40, params=params)
+    vocab = len(decoder.tokenizer)
+    tails = 0
+    for context, candidates in seen:
+        for row, step_len in zip(candidates.rows, candidates.step_lens):
+            if len(row) <= step_len:
+                continue
+            with torch.no_grad():
+                logits = decoder.draft(torch.tensor([context + row])).logits[0, :, :vocab]
+            first = len(context) + step_len
+            assert row[step_len:] == logits[first - 1: len(context) + len(row) - 1] \
+                .argmax(dim=-1).tolist()
+            tails += 1
+    assert tails > 0
+
+
 def test_token_origins_account_for_every_committed_token(decoder):
     """Accepted steps' tails are verified token-level: their drafts count as "sd" tokens."""
     seen = {"step": 0, "prefix": 0, "sd": 0, "target": 0}

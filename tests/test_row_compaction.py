@@ -80,3 +80,24 @@ def test_small_gains_wait_until_a_quarter_of_the_rows_is_freed():
     assert compaction.plan(torch.tensor([True] + [False] * 7)) is None  # 3 of 32
     narrowing = compaction.plan(torch.tensor([True] * 3 + [False] * 5))  # 9 of 32
     assert narrowing is not None and narrowing.total_after == 23
+
+
+def test_only_tails_are_left_once_every_request_with_candidates_is_settled():
+    """``all_tails``: every row left is a settled request's chosen row (its step ended) or a
+    greedy one (SpecGuard off), so the proposer samples nothing at that position."""
+    compaction = RowCompaction([4, 1, 4], [True, True, True], [False, False, False],
+                               greedy=[False, True, False])
+    assert not compaction.all_tails
+    compaction.apply(compaction.plan(torch.tensor([True, False, False])))
+    assert not compaction.all_tails  # request 2 still samples its candidates
+    compaction.apply(compaction.plan(torch.tensor([True, False, True])))
+    assert compaction.all_tails and compaction.total == 3
+
+
+def test_a_one_candidate_row_is_no_tail_before_its_step_ends():
+    """k = 1: the row is settled from the start (nothing to choose) but still samples its
+    step, so it is not known to be a tail."""
+    compaction = RowCompaction([1, 4], [True, True], [False, False])
+    compaction.apply(compaction.plan(torch.tensor([False, True])))
+    assert compaction.total == 2 and not compaction.all_tails
+    assert RowCompaction([1], [True], [False], greedy=[True]).all_tails  # SpecGuard off

@@ -143,6 +143,25 @@ def test_sampling_draws_each_row_from_its_own_key_whatever_the_batch():
     assert tokens_alone.tolist() == tokens[5:].tolist()
 
 
+def test_rows_past_their_step_end_draft_greedily_and_the_rest_keep_their_draws():
+    """A tail (past the step's end) is the draft's argmax; a row still in its step keeps the
+    keyed draw it would have had anyway; with every row a tail nothing is sampled."""
+    p = proposer({"r0": request(), "r1": request()}, temperature=0.7)
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3)) * 2
+    cand = p._candidate_rows([DraftRowHint()] * 2, ["r0", "r1"], 4, torch.device("cpu"))
+    positions = torch.full((8,), 5, dtype=torch.int64)
+    sampled, _ = p._sample(logits, cand, positions)
+    past = torch.tensor([True, False, False, True, False, True, False, False])
+    tokens, logprobs = p._sample(logits, cand, positions, greedy=past)
+    argmax = logits.argmax(dim=-1)
+    assert torch.equal(tokens, torch.where(past, argmax, sampled))
+    assert sampled.ne(argmax).any()  # at T = 0.7 some draws are not the argmax
+    all_tails, _ = p._sample(logits, cand, positions, greedy=torch.ones(8, dtype=torch.bool),
+                             all_greedy=True)
+    assert torch.equal(all_tails, argmax)
+    assert torch.allclose(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
 def test_sampled_tokens_follow_the_tempered_draft_distribution():
     n = 4000
     requests = {f"r{i}": request() for i in range(n)}

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from specguard_vllm.config import SpecGuardConfig
 from specguard_vllm.reference import ReferenceDecoder
@@ -164,6 +165,19 @@ def test_engine_k4_every_step_rescored_by_reference_verifier(tiny_pair, tmp_path
         if entry["accepted"]:
             start = entry["context_len"]
             assert sequence[start: start + len(step)] == step[: len(sequence) - start]
+    # Only the step is sampled (T = 0.7, k candidates); the chosen row's tail past the
+    # step's end is the draft's own greedy continuation, as token-level SD drafts.
+    tails = [e for e in entries if e.get("step_len") and len(e["drafted"]) > e["step_len"]]
+    assert tails, "no drafted row ran past its step's end"
+    vocab = len(decoder.tokenizer)
+    for entry in tails:
+        sequence = sequences[entry["req_id"].split("-")[0]]
+        row = sequence[: entry["context_len"]] + entry["drafted"]
+        with torch.no_grad():
+            logits = decoder.draft(torch.tensor([row])).logits[0, :, :vocab]
+        first = entry["context_len"] + entry["step_len"]  # index in row of the first tail token
+        greedy = logits[first - 1: len(row) - 1].argmax(dim=-1).tolist()
+        assert entry["drafted"][entry["step_len"]:] == greedy, entry
 
 
 def test_tau_above_one_gives_vllm_target_only_output(tiny_pair, tmp_path):

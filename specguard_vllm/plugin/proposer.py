@@ -20,7 +20,9 @@ lookahead slots and every ``isinstance`` check keep working). Per engine step:
    (one table gather per position, no text decoded). Once all k candidates of a request
    have ended the step, its rows are settled (in groups, see row_compaction): the
    selector chooses among them and only the chosen row drafts on to K tokens (fallback
-   ``speculative``, SpecGuard off) or none does; the loop ends when no row is left. The
+   ``speculative``, SpecGuard off) or none does; the loop ends when no row is left. A
+   row past its step's end drafts greedily (its tail, as vLLM's SD drafts); once only
+   tails are left (known on the host) nothing is sampled at all. The
    "done" flags reach the host once per position (on CUDA one position late, from
    pinned memory, so the host never stalls the device for them);
 5. the self-consistency selector keeps the most central candidate of the requests
@@ -249,24 +251,28 @@ class SpecGuardDraftProposer(DraftModelProposer):
             open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row])
 
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,
-                positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
+                greedy: torch.Tensor | None = None, all_greedy: bool = False,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
 
         Inverse-CDF sampling of all rows at once, each from its own keyed uniform
         (``positions``: the position whose logits these are; ``uniforms``: the rows'
         draws there when the caller computed them already), so a request's draws depend
-        only on it; greedy rows take the argmax.
+        only on it. Rows set in ``greedy`` (default: ``cand.greedy``) take the argmax;
+        ``all_greedy`` (known on the host): every row does, so nothing is sampled.
         """
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         temperature = self.specguard.specguard.draft_temperature
-        if temperature > 0.0:
+        greedy = cand.greedy if greedy is None else greedy
+        if temperature > 0.0 and not all_greedy:
             cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
             u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
             tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
             tokens = tokens.squeeze(1).clamp_(max=logits.shape[1] - 1)
-            if cand.greedy is not None:
-                tokens = torch.where(cand.greedy, logits.argmax(dim=-1), tokens)
+            if greedy is not None:
+                tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
         else:
             tokens = logits.argmax(dim=-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
@@ -440,7 +446,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
             else [DraftRowHint()] * num_reqs
         cand = self._candidate_rows(hints, req_ids, k, hidden.device)
         compaction = RowCompaction(cand.counts, [hint.drafts_past_step for hint in hints],
-                                   [hint.needs_no_draft for hint in hints])
+                                   [hint.needs_no_draft for hint in hints],
+                                   greedy=[hint.opted_out for hint in hints])
         positions = self.positions[sample_idx][:num_reqs].clone()  # position of the bonus token
         live = _LiveRows.start(self.segmenter, cand, positions.to(torch.int64)[cand.req_of_row])
         tokens_out = torch.zeros(cand.rows, K, dtype=torch.int64, device=hidden.device)
@@ -512,8 +519,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                         inputs_embeds=None)
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
+                # Past its step's end a row drafts its tail greedily, as token-level SD's
+                # draft does (SPECGUARD.md 4): only the step's tokens are sampled.
                 token, lp = self._sample(self._draft_logits(hidden[:rows]), live,
-                                         uniforms=live.column(uniforms, step))
+                                         uniforms=live.column(uniforms, step),
+                                         greedy=live.past_step(), all_greedy=compaction.all_tails)
                 live.write(tokens_out, logprobs_out, step, token, lp)
                 live.push(token, step)
                 length = step + 1
@@ -644,6 +654,12 @@ class _LiveRows:
         self.states = self.segmenter.advance_drafted(self.states, tokens)
         ended = (self.states == self.segmenter.END) & (self.ends == 0)
         self.ends = torch.where(ended, position + 1, self.ends)
+
+    def past_step(self) -> torch.Tensor:
+        """``[Ra]`` bool: rows drafted greedily now, those whose step has ended (their tail)
+        and those drafted greedily throughout (SpecGuard off)."""
+        ended = self.ends > 0
+        return ended if self.greedy is None else ended | self.greedy
 
     def requests_done(self, num_reqs: int) -> torch.Tensor:
         """``[B]`` bool: every live row of the request that waits for its step has ended it

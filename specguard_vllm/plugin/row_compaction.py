@@ -45,8 +45,14 @@ class RowCompaction:
     needs no draft at all (regenerating: its row is cut to nothing), so it goes at once.
     """
 
-    def __init__(self, counts: list[int], keeps_one: list[bool], drops_now: list[bool]):
+    def __init__(self, counts: list[int], keeps_one: list[bool], drops_now: list[bool],
+                 greedy: list[bool] | None = None):
         self.rows = torch.tensor(counts, dtype=torch.int64)
+        # Rows known on the host to draft greedily: SpecGuard off (``greedy``) from the start,
+        # and a settled request's kept row (its step has ended: the rest is its tail).
+        self.tail_only = torch.zeros_like(self.rows, dtype=torch.bool) if greedy is None \
+            else torch.tensor(greedy, dtype=torch.bool)
+        self.all_tails = self._all_tails()
         self.keeps_one = torch.tensor(keeps_one, dtype=torch.bool) & ~torch.tensor(drops_now,
                                                                                    dtype=torch.bool)
         self.multi = self.rows > 1
@@ -79,6 +85,12 @@ class RowCompaction:
         self.settled |= narrowing.settled
         self.chosen[narrowing.choose] = True
         self.rows = narrowing.rows_after
+        self.tail_only |= narrowing.settled  # settled: every candidate of it ended the step
+        self.all_tails = self._all_tails()
+
+    def _all_tails(self) -> bool:
+        """Every row left drafts greedily (a tail, or SpecGuard off): nothing to sample."""
+        return not bool(((self.rows > 0) & ~self.tail_only).any())
 
     def unchosen(self) -> torch.Tensor:
         """Requests with several candidates whose choice is still to make (host indices)."""
