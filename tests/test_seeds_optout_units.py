@@ -19,7 +19,8 @@ from specguard_vllm.config import (
     request_opts_out,
 )
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.plugin.proposer import SpecGuardDraftProposer, keyed_uniforms
+from specguard_vllm.plugin.keyed_sampling import keyed_uniforms
+from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
 from specguard_vllm.plugin.request_params import resolve_opt_out
 from specguard_vllm.plugin.step_state import (
     NO_STEP,

@@ -48,6 +48,7 @@ from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
+from specguard_vllm.plugin.keyed_sampling import inverse_cdf_sample, row_streams, uniforms_at
 from specguard_vllm.plugin.row_compaction import RowCompaction
 from specguard_vllm.plugin.step_state import DraftRowHint
 
@@ -60,48 +61,7 @@ def _hash_seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-_MASK32 = 0xFFFFFFFF
 _GREEDY_TEMPERATURE = 1e-5  # vLLM's own threshold: below it a request is sampled greedily
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2**32`` for int64 tensors of 32-bit values, in 16-bit halves (no overflow)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser: a bijection that spreads every input bit."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def keyed_uniforms(keys: torch.Tensor, candidates: torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
-    """One uniform in (0, 1) per row, a pure function of (request key, candidate, position).
-
-    A counter-based draw (int64 ``[R]`` inputs): no generator state, so a row's number
-    never depends on the other rows of the batch, and every rank and device computes
-    the same one.
-    """
-    return uniforms_at(row_streams(keys, candidates), positions)
-
-
-def row_streams(keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """The (request key, candidate) part of :func:`keyed_uniforms`' hash chain, ``[R]``:
-    fixed for a row over a propose call, so each draft position hashes only its position."""
-    h = _fmix32(keys & _MASK32)
-    for word in ((keys >> 32) & _MASK32, candidates & _MASK32):
-        h = _fmix32(h ^ word)
-    return h
-
-
-def uniforms_at(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The rows' uniforms at ``positions``, from their :func:`row_streams`."""
-    h = _fmix32(streams ^ (positions & _MASK32))
-    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
 
 
 @dataclass(frozen=True)
@@ -253,24 +213,25 @@ class SpecGuardDraftProposer(DraftModelProposer):
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,
                 positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
                 greedy: torch.Tensor | None = None, all_greedy: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
 
         Inverse-CDF sampling of all rows at once, each from its own keyed uniform
         (``positions``: the position whose logits these are; ``uniforms``: the rows'
         draws there when the caller computed them already), so a request's draws depend
         only on it. Rows set in ``greedy`` (default: ``cand.greedy``) take the argmax;
-        ``all_greedy`` (known on the host): every row does, so nothing is sampled.
+        ``all_greedy`` (known on the host): every row is a tail, so nothing is sampled and
+        no log-prob is needed (the selector reads a step's own log-probs only): None.
         """
         logits = logits.float()
+        if all_greedy:
+            return logits.argmax(dim=-1), None
         logprobs = torch.log_softmax(logits, dim=-1)
         temperature = self.specguard.specguard.draft_temperature
         greedy = cand.greedy if greedy is None else greedy
-        if temperature > 0.0 and not all_greedy:
-            cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+        if temperature > 0.0:
             u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
-            tokens = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
-            tokens = tokens.squeeze(1).clamp_(max=logits.shape[1] - 1)
+            tokens = inverse_cdf_sample(logits, u, temperature)
             if greedy is not None:
                 tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
         else:
@@ -686,11 +647,12 @@ class _LiveRows:
         return per_row[:, step] if self.rows is None else per_row[self.rows, step]
 
     def write(self, tokens_out: torch.Tensor, logprobs_out: torch.Tensor, step: int,
-              token: torch.Tensor, lp: torch.Tensor) -> None:
-        if self.rows is None:
-            tokens_out[:, step], logprobs_out[:, step] = token, lp
-        else:
-            tokens_out[self.rows, step], logprobs_out[self.rows, step] = token, lp
+              token: torch.Tensor, lp: torch.Tensor | None) -> None:
+        """Column ``step`` of the live rows; no log-probs (None): tails only, left at 0."""
+        rows = slice(None) if self.rows is None else self.rows
+        tokens_out[rows, step] = token
+        if lp is not None:
+            logprobs_out[rows, step] = lp
 
     def narrowed(self, local: torch.Tensor) -> _LiveRows:
         """The live rows ``local`` only (indices into the current live rows)."""

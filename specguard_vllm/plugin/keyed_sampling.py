@@ -1,0 +1,71 @@
+"""The draft's per-position draws: counter-based (keyed) uniforms and the inverse-CDF pick.
+
+Every row's uniform is a pure function of (request key, candidate, position), so a request
+drafts the same candidates whatever else is in the batch and on every rank; the pick is
+row-wise, so it keeps that.
+
+Measured on CPU (one thread, 256 rows x 512 ids): the full-vocabulary ``cumsum`` costs
+~95 us, ``softmax`` ~53 us. A block-wise pick (block masses, then a scan inside one block)
+cut 256 rows to ~240 us from ~310 us but cost ~60 us against ~21 us at 4 rows (twice the
+ops, each with a fixed dispatch cost); and switching between the two by batch size would
+make a request's draws depend, at float rounding, on the batch. So it is one full scan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 tensors of 32-bit values, in 16-bit halves (no overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection that spreads every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def keyed_uniforms(keys: torch.Tensor, candidates: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per row, a pure function of (request key, candidate, position).
+
+    A counter-based draw (int64 ``[R]`` inputs): no generator state, so a row's number
+    never depends on the other rows of the batch, and every rank and device computes
+    the same one.
+    """
+    return uniforms_at(row_streams(keys, candidates), positions)
+
+
+def row_streams(keys: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The (request key, candidate) part of :func:`keyed_uniforms`' hash chain, ``[R]``:
+    fixed for a row over a propose call, so each draft position hashes only its position."""
+    h = _fmix32(keys & _MASK32)
+    for word in ((keys >> 32) & _MASK32, candidates & _MASK32):
+        h = _fmix32(h ^ word)
+    return h
+
+
+def uniforms_at(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows' uniforms at ``positions``, from their :func:`row_streams`."""
+    h = _fmix32(streams ^ (positions & _MASK32))
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One id per row of ``logits`` (``[R, V]``) drawn from ``softmax(logits / temperature)``
+    by the uniforms ``u`` (``[R]``): the id whose CDF interval holds ``u * total``, ``[R]``.
+
+    Never an id of probability 0: a uniform that rounds to 1 (the keyed draws' largest,
+    1 - 2**-25, does in float32) lands on the last id with mass, not past it.
+    """
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    tokens = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
+    return torch.minimum(tokens, torch.searchsorted(cdf, total)).squeeze(1)
