@@ -60,12 +60,14 @@ def uniforms_at(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
     """One id per row of ``logits`` (``[R, V]``) drawn from ``softmax(logits / temperature)``
-    by the uniforms ``u`` (``[R]``): the id whose CDF interval holds ``u * total``, ``[R]``.
+    by the uniforms ``u`` (``[R]`` in (0, 1]): the first id whose CDF reaches ``u * total``,
+    ``[R]``.
 
-    Never an id of probability 0: a uniform that rounds to 1 (the keyed draws' largest,
-    1 - 2**-25, does in float32) lands on the last id with mass, not past it.
+    Id ``i`` is drawn for targets in ``(cdf[i-1], cdf[i]]``, so never an id of probability
+    0 (its interval is empty), and ``u * total <= total`` always (IEEE rounding is
+    monotonic), so a uniform that rounds to 1 (the keyed draws' largest, 1 - 2**-25, does in
+    float32) lands on the last id with mass, never past the row: no clamp needed.
     """
     cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-    total = cdf[:, -1:].contiguous()
-    tokens = torch.searchsorted(cdf, u.unsqueeze(1) * total, right=True)
-    return torch.minimum(tokens, torch.searchsorted(cdf, total)).squeeze(1)
+    target = u.unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1)

@@ -223,7 +223,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
         ``all_greedy`` (known on the host): every row is a tail, so nothing is sampled and
         no log-prob is needed (the selector reads a step's own log-probs only): None.
         """
-        logits = logits.float()
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if all_greedy:
             return logits.argmax(dim=-1), None
         logprobs = torch.log_softmax(logits, dim=-1)
