@@ -29,6 +29,7 @@ K = 8
 GREEDY = {"temperature": 0.0, "max_tokens": 40}
 OFF = {"specguard": False}
 LOW_T = {"temperature": 0.05, "max_tokens": 40}  # sampled, but the contexts stay alike
+SAMPLED = {"temperature": 0.8, "max_tokens": 40}
 
 
 def run(spec: dict, log: Path | None = None) -> dict[str, dict]:
@@ -60,6 +61,12 @@ def runs(tiny_pair, tmp_path_factory):
     def opted_out(text: str) -> dict:
         return {"text": text, "params": {**GREEDY, "extra_args": OFF}}
 
+    def seeded_sampled(i: int) -> dict:
+        # fallback target: a rejected step takes the target's own token, an accepted one
+        # has no tail, so this request's own rows need no token-level verification.
+        return {"text": SEEDED[i], "params": {**SAMPLED, "seed": 21 + i,
+                                              "extra_args": {"fallback": "target"}}}
+
     phases = [
         {"name": "seeded_alone", "sequential": True, "requests": [seeded(i) for i in range(3)]},
         {"name": "mixed", "requests": [
@@ -73,6 +80,14 @@ def runs(tiny_pair, tmp_path_factory):
             "temperature": 0.05, "n": 4, "max_tokens": 40}}]},
         {"name": "opted_out_alone", "sequential": True,
          "requests": [opted_out(text) for text in OPTED_OUT]},
+        {"name": "seeded_sampled_alone", "sequential": True,
+         "requests": [seeded_sampled(i) for i in range(3)]},
+        # Sampled only (see the module note); the opted-out rows are verified token-level
+        # every step, the unseeded one on its own stream.
+        {"name": "sampled_mixed", "requests": [
+            seeded_sampled(0), {"text": OPTED_OUT[0], "params": {**SAMPLED, "extra_args": OFF}},
+            seeded_sampled(1), {"text": SEEDED[2], "params": {**SAMPLED, "seed": 5}},
+            seeded_sampled(2), {"text": OPTED_OUT[1], "params": {**SAMPLED, "extra_args": OFF}}]},
     ]
     target = str(tiny_pair["target"])
     common = {"target": target, "llm_kwargs": {"max_model_len": 256}}
@@ -107,6 +122,19 @@ def test_seeded_requests_draft_and_write_the_same_alone_and_in_a_mixed_batch(run
     assert True in decisions and False in decisions, "the seeded requests should see both outcomes"
     # Another seed on the same prompt draws other candidates.
     assert drafts(log, mixed["outputs"][4]["req"])[0] != drafts(log, mixed["outputs"][0]["req"])[0]
+
+
+def test_seeded_sampled_requests_write_the_same_alone_and_beside_token_level_rows(runs):
+    """A seeded request sampled by the target (T = 0.8) writes the same text alone and in a
+    batch whose other rows are verified token-level every step: the verifier samples the
+    whole batch in one call of vLLM's sampler, as vLLM's SD does, so a request's generator
+    advances by its own draft count only, whatever the batch."""
+    alone, mixed = runs["specguard"]["seeded_sampled_alone"], runs["specguard"]["sampled_mixed"]
+    mixed_seeded = [mixed["outputs"][i] for i in (0, 2, 4)]
+    assert texts(alone) == [o["completions"][0]["text"] for o in mixed_seeded]
+    decisions = [e["accepted"] for o in alone["outputs"] for e in runs["log"][o["req"]]
+                 if e["kind"] == "step"]
+    assert True in decisions and False in decisions, "both outcomes should occur"
 
 
 def first_drafts_at_a_shared_context(log, reqs: list[str]) -> list[list[int]]:

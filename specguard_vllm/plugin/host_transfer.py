@@ -50,3 +50,10 @@ def read_to_host(tensor: torch.Tensor, site: str) -> list:
     """``tensor.tolist()``, as the sanctioned read named ``site``."""
     with waits_for_device(site, tensor.device):
         return tensor.tolist()
+
+
+def copy_to_host(tensor: torch.Tensor, site: str) -> torch.Tensor:
+    """``tensor`` as a CPU tensor, as the sanctioned read named ``site`` (for readers that
+    want tensor ops on the host too, not only lists)."""
+    with waits_for_device(site, tensor.device):
+        return tensor.cpu()

@@ -13,9 +13,36 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import torch
+
 LPBV_BUCKETS = (-20.0, -10.0, -5.0, -3.0, -2.0, -1.0, -0.5, -0.25, -0.1, -0.01, 0.0)
 UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 TIME_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def observe_many(histogram, values: torch.Tensor) -> None:
+    """``histogram.observe(v)`` for every ``v`` of ``values`` (a labelled prometheus_client
+    Histogram child), in one increment per non-empty bucket and one of the sum.
+
+    ``observe`` puts ``v`` in the first bucket whose upper bound is >= v; ``bucketize``
+    (right=False) gives that index. Reads the child's ``_upper_bounds``, ``_buckets`` and
+    ``_sum`` (prometheus_client's layout since 0.4; tests compare the exposition with
+    per-value ``observe``); without them it falls back to ``observe`` per value.
+    """
+    if values.numel() == 0:
+        return
+    bounds, buckets = getattr(histogram, "_upper_bounds", None), getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    values = values.to(torch.float64)
+    index = torch.bucketize(values, torch.tensor(bounds, dtype=torch.float64))
+    counts = torch.bincount(index, minlength=len(bounds) + 1)[: len(bounds)]  # past +Inf: NaN
+    total.inc(float(values.sum()))
+    for i in counts.nonzero().view(-1).tolist():
+        buckets[i].inc(int(counts[i]))
 
 
 @dataclass
@@ -66,27 +93,41 @@ class SpecGuardMetrics:
                              multiprocess_mode="livesum")
         self.verify_time = Histogram("specguard_verify_seconds", "Time of the step decision "
                                      "(scoring and sampling) per batch", labels, buckets=TIME_BUCKETS)
+        # The labelled children, looked up once (``labels()`` costs a dict lookup and a lock).
+        self._accepted = self.steps.labels(model_name, "accepted")
+        self._rejected = self.steps.labels(model_name, "rejected")
+        self._lpbv = self.lpbv.labels(model_name)
+        self._abgv = self.abgv.labels(model_name)
+        self._score = self.score.labels(model_name)
+        self._verify_time = self.verify_time.labels(model_name)
 
-    def observe_verification(self, decisions, seconds: float) -> None:
+    def observe_verification(self, lpbv: torch.Tensor, abgv: torch.Tensor | None,
+                             score: torch.Tensor, accepted: torch.Tensor, seconds: float) -> None:
+        """One engine step's judged steps (host ``[J]`` tensors; ``abgv`` None: grounding
+        skipped, beta = 1), recorded in a few bucket increments, not one Python call per
+        step verified (at batch 64, per-step ``observe`` calls took ~0.5 ms an engine step)."""
         with self._lock:
-            for d in decisions:
-                if d is None:
-                    continue
-                decision = "accepted" if d.accepted else "rejected"
-                self.steps.labels(self._model, decision).inc()
-                self.lpbv.labels(self._model).observe(max(d.lpbv, -1e9))
-                if d.abgv is not None:  # None: grounding skipped (beta = 1)
-                    self.abgv.labels(self._model).observe(d.abgv)
-                self.score.labels(self._model).observe(d.score)
-                if d.accepted:
-                    self.counters.steps_accepted += 1
-                else:
-                    self.counters.steps_rejected += 1
-                if len(self.counters.decisions) < self.MAX_KEPT_DECISIONS:
-                    self.counters.decisions.append((d.lpbv, d.abgv, d.score, d.accepted))
+            num_accepted = int(accepted.sum())
+            num_rejected = accepted.numel() - num_accepted
+            if num_accepted:
+                self._accepted.inc(num_accepted)
+            if num_rejected:
+                self._rejected.inc(num_rejected)
+            observe_many(self._lpbv, lpbv.clamp(min=-1e9))
+            if abgv is not None:
+                observe_many(self._abgv, abgv)
+            observe_many(self._score, score)
+            self.counters.steps_accepted += num_accepted
+            self.counters.steps_rejected += num_rejected
+            room = self.MAX_KEPT_DECISIONS - len(self.counters.decisions)
+            if room > 0 and accepted.numel():
+                kept = [lpbv[:room].tolist(), [None] * min(room, lpbv.numel()) if abgv is None
+                        else abgv[:room].tolist(), score[:room].tolist(),
+                        accepted[:room].bool().tolist()]
+                self.counters.decisions.extend(zip(*kept))
             self.counters.verify_seconds += seconds
             self.counters.verify_calls += 1
-            self.verify_time.labels(self._model).observe(seconds)
+            self._verify_time.observe(seconds)
 
     def add_grounding_time(self, seconds: float) -> None:
         with self._lock:

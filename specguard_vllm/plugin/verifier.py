@@ -51,7 +51,7 @@ from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import ragged_step_stats, rollout_grounding_min
 from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.plugin.grounding_capture import tensor_parallel_rank_and_size
-from specguard_vllm.plugin.host_transfer import read_to_host, rows_to_device
+from specguard_vllm.plugin.host_transfer import copy_to_host, rows_to_device
 from specguard_vllm.plugin.step_state import StepMode, StepVerdicts, row_verdict
 
 if TYPE_CHECKING:
@@ -339,9 +339,10 @@ class SpecGuardRejectionSampler(RejectionSampler):
         rejected = rejected & ~token_level
         # The step's one host transfer: every per-row outcome, the cut and the scores (float64
         # holds the int flags, the cut and the float32 scores exactly).
-        host = read_to_host(torch.stack([v.to(torch.float64) for v in (
+        host_t = copy_to_host(torch.stack([v.to(torch.float64) for v in (
             accepted, rejected, token_level, truncated, judged, cut, l_min, g_min, score)]),
             "verify_results")
+        host = host_t.tolist()
         accepted_list, rejected_list, token_level_list, truncated_list, judged_list = (
             [v != 0.0 for v in row] for row in host[:5])
         cut_list = [int(v) for v in host[5]]
@@ -382,7 +383,10 @@ class SpecGuardRejectionSampler(RejectionSampler):
             self._log_decisions(req_ids, decisions, metadata.draft_token_ids.tolist(), n_list, step_lens, cut_list,
                                 token_level_list, proposed, truncated_list, out)
         if self.metrics is not None:
-            self.metrics.observe_verification(decisions, time.perf_counter() - started)
+            judged_rows = host_t[4] != 0.0
+            self.metrics.observe_verification(
+                host_t[6][judged_rows], None if skipped else host_t[7][judged_rows],
+                host_t[8][judged_rows], host_t[0][judged_rows], time.perf_counter() - started)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
     def _log_decisions(self, req_ids, decisions, draft_lists, n_list, step_lens, cut, token_level,
