@@ -1,10 +1,13 @@
-"""Triton kernels of SpecGuard's verifier, each beside its PyTorch reference.
+"""Triton kernels of SpecGuard's verifier and proposer, each beside its PyTorch reference.
 
 * ``step_grounding`` / ``step_grounding_ref``: per layer, the prefix mass and the
   in-step block of the head-averaged, sparsified attention of every step row,
   read straight from vLLM's paged K cache (SPECGUARD.md section 3).
 * ``min_logprob`` / ``min_logprob_ref``: ``logit[token] - logsumexp(logits)`` per
   draft position in one pass over the vocabulary, then the per-step minimum.
+* ``draft_sampling`` / ``draft_sampling_ref``: one draft position of the proposer: per row a
+  token at the draft temperature drawn by its keyed uniform (inverse CDF) or the argmax
+  for greedy rows, and its temperature-1 log-prob, in one launch.
 * ``kv_layout``: the K-cache readers of vLLM 0.32's attention backends.
 * ``dispatch``: what the plugin calls; Triton on CUDA, the reference elsewhere.
 
@@ -14,9 +17,11 @@ install never needs a working Triton.
 
 from .dispatch import (
     GroundingWorkspace,
+    draft_sample,
     k_cache_view,
     step_grounding_stats,
     step_min_logprob,
 )
 
-__all__ = ["GroundingWorkspace", "k_cache_view", "step_grounding_stats", "step_min_logprob"]
+__all__ = ["GroundingWorkspace", "draft_sample", "k_cache_view", "step_grounding_stats",
+           "step_min_logprob"]

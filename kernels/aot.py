@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-FLOATS = {"scale_log2", "inv_heads", "sparsity"}
+FLOATS = {"scale_log2", "inv_heads", "sparsity", "inv_t"}
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -41,6 +41,7 @@ def variants(arch: int, full: bool):
     Quick mode (CI): all dtypes on sm_90, bf16 on the others, one grounding tile;
     ``--full`` adds every dtype everywhere and the largest tile (step 32, GQA 8).
     """
+    from . import draft_sampling as ds
     from . import min_logprob as ml
     from . import step_grounding as sg
 
@@ -58,6 +59,9 @@ def variants(arch: int, full: bool):
                    dict(ce, MS_PAD=n_pad), warps)
         yield (f"step_logprob[{dt}]", ml._step_logprob_kernel,
                dict(f32, logits_ptr=dt), {"HAS_ROWS": True, "BLOCK_V": 2048, "N_PAD": 32}, 8)
+        yield (f"draft_sample[{dt}]", ds._draft_sample_kernel,
+               dict(f32, logits_ptr=dt, u_ptr="fp32", greedy_ptr="i1", tok_ptr="i64"),
+               {"HAS_GREEDY": True, "BLOCK_V": 1024}, 4)
 
 
 def compile_all(targets: list[tuple[str, int, int]], full: bool = False) -> list[str]:

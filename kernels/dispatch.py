@@ -19,11 +19,13 @@ from typing import TypeVar
 import torch
 
 from .kv_layout import k_cache_view
+from .draft_sampling_ref import draft_sample_ref
 from .min_logprob_ref import step_min_logprob_ref
 from .step_grounding_ref import step_grounding_stats_ref, step_head_share_rows_ref
 from .workspace import GroundingWorkspace
 
-__all__ = ["GroundingWorkspace", "disable_triton", "k_cache_view", "step_grounding_stats",
+__all__ = ["GroundingWorkspace", "disable_triton", "draft_sample", "k_cache_view",
+           "step_grounding_stats",
            "step_head_share_rows", "step_min_logprob", "use_triton"]
 
 F = TypeVar("F", bound=Callable)
@@ -77,3 +79,6 @@ step_head_share_rows = step_head_share_rows_ref
 # ``max_step_len`` sizes the kernel's grid; ``counters`` (int32 zeros, one per step) is its
 # static arrival counter, for callers that capture it in a CUDA graph.
 step_min_logprob = triton_on_cuda(step_min_logprob_ref, ".min_logprob", "step_min_logprob_triton")
+
+# ``(tokens [R], logprobs [R])``: one draft position of the proposer, sampled or greedy rows.
+draft_sample = triton_on_cuda(draft_sample_ref, ".draft_sampling", "draft_sample_triton")

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specguard_vllm.plugin.keyed_sampling import inverse_cdf_sample
+from specguard_vllm.kernels.draft_sampling_ref import inverse_cdf_sample
 
 
 @st.composite

@@ -1,14 +1,15 @@
-"""The draft's per-position draws: counter-based (keyed) uniforms and the inverse-CDF pick.
+"""The draft's per-position randomness: counter-based (keyed) uniforms.
 
 Every row's uniform is a pure function of (request key, candidate, position), so a request
-drafts the same candidates whatever else is in the batch and on every rank; the pick is
-row-wise, so it keeps that.
+drafts the same candidates whatever else is in the batch and on every rank; the pick that
+consumes it (``kernels.dispatch.draft_sample``: a fused Triton kernel on CUDA, the PyTorch
+reference elsewhere) is row-wise, so it keeps that.
 
 Measured on CPU (one thread, 256 rows x 512 ids): the full-vocabulary ``cumsum`` costs
 ~95 us, ``softmax`` ~53 us. A block-wise pick (block masses, then a scan inside one block)
 cut 256 rows to ~240 us from ~310 us but cost ~60 us against ~21 us at 4 rows (twice the
 ops, each with a fixed dispatch cost); and switching between the two by batch size would
-make a request's draws depend, at float rounding, on the batch. So it is one full scan.
+make a request's draws depend, at float rounding, on the batch. So it is one full scan on CPU; on CUDA one fused kernel.
 """
 
 from __future__ import annotations
@@ -56,18 +57,3 @@ def uniforms_at(streams: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The rows' uniforms at ``positions``, from their :func:`row_streams`."""
     h = _fmix32(streams ^ (positions & _MASK32))
     return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
-
-
-def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One id per row of ``logits`` (``[R, V]``) drawn from ``softmax(logits / temperature)``
-    by the uniforms ``u`` (``[R]`` in (0, 1]): the first id whose CDF reaches ``u * total``,
-    ``[R]``.
-
-    Id ``i`` is drawn for targets in ``(cdf[i-1], cdf[i]]``, so never an id of probability
-    0 (its interval is empty), and ``u * total <= total`` always (IEEE rounding is
-    monotonic), so a uniform that rounds to 1 (the keyed draws' largest, 1 - 2**-25, does in
-    float32) lands on the last id with mass, never past the row: no clamp needed.
-    """
-    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
-    target = u.unsqueeze(1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, target).squeeze(1)

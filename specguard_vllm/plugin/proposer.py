@@ -48,7 +48,8 @@ from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
-from specguard_vllm.plugin.keyed_sampling import inverse_cdf_sample, row_streams, uniforms_at
+from specguard_vllm.kernels.dispatch import draft_sample
+from specguard_vllm.plugin.keyed_sampling import row_streams, uniforms_at
 from specguard_vllm.plugin.row_compaction import RowCompaction
 from specguard_vllm.plugin.step_state import DraftRowHint
 
@@ -227,16 +228,13 @@ class SpecGuardDraftProposer(DraftModelProposer):
             logits = logits.float()
         if all_greedy:
             return logits.argmax(dim=-1), None
-        logprobs = torch.log_softmax(logits, dim=-1)
         temperature = self.specguard.specguard.draft_temperature
         greedy = cand.greedy if greedy is None else greedy
-        if temperature > 0.0:
+        if temperature > 0.0:  # one fused kernel on CUDA (kernels/draft_sampling.py)
             u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
-            tokens = inverse_cdf_sample(logits, u, temperature)
-            if greedy is not None:
-                tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-        else:
-            tokens = logits.argmax(dim=-1)
+            return draft_sample(logits, u, greedy, temperature=temperature)
+        tokens = logits.argmax(dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
     def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:

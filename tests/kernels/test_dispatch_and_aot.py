@@ -37,7 +37,20 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_a_gpu(tmp_path):
                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
-    for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob"):
+    for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob", "draft_sample"):
         for arch in ("sm_90", "sm_80"):
             assert any(kernel in line and arch in line for line in out.stdout.splitlines()), \
                 f"{kernel} not compiled for {arch}"
+
+
+def test_cpu_dispatch_of_draft_sampling_is_the_reference():
+    from specguard_vllm.kernels import draft_sample
+    from specguard_vllm.kernels.draft_sampling_ref import draft_sample_ref
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 40, generator=gen)
+    u = torch.rand(5, generator=gen)
+    greedy = torch.tensor([True, False, True, False, False])
+    got = draft_sample(logits, u, greedy, temperature=0.7)
+    want = draft_sample_ref(logits, u, greedy, temperature=0.7)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -1,0 +1,44 @@
+"""PyTorch reference of the fused draft-sampling kernel (and the CPU path of the dispatch).
+
+One draft position of the proposer's loop: per row, a token at ``temperature`` drawn by the
+row's keyed uniform (inverse CDF), or the argmax for greedy rows, and the token's raw
+(temperature 1) log-prob, which the selector's tie-break reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One id per row of ``logits`` (``[R, V]``) drawn from ``softmax(logits / temperature)``
+    by the uniforms ``u`` (``[R]`` in (0, 1]): the first id whose CDF reaches ``u * total``,
+    ``[R]``.
+
+    Id ``i`` is drawn for targets in ``(cdf[i-1], cdf[i]]``, so never an id of probability
+    0 (its interval is empty), and ``u * total <= total`` always (IEEE rounding is
+    monotonic), so a uniform that rounds to 1 (the keyed draws' largest, 1 - 2**-25, does in
+    float32) lands on the last id with mass, never past the row: no clamp needed.
+    """
+    cdf = torch.softmax(logits / temperature, dim=-1).cumsum(dim=-1)
+    target = u.unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1)
+
+
+def draft_sample_ref(logits: torch.Tensor, uniforms: torch.Tensor, greedy: torch.Tensor | None,
+                     *, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [R] int64, logprobs [R] float32)`` for one draft position.
+
+    Args:
+        logits: ``[R, V]`` draft logits (fp32/fp16/bf16; ids of probability 0 at -inf).
+        uniforms: ``[R]`` float32 in (0, 1]: each row's keyed draw at this position.
+        greedy: ``[R]`` bool, rows that take the argmax (first index among ties); None: none.
+        temperature: > 0; the sampled rows draw from ``softmax(logits / temperature)``.
+    """
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    tokens = inverse_cdf_sample(logits, uniforms, temperature)
+    if greedy is not None:
+        tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, logprobs

@@ -1,0 +1,103 @@
+"""The fused draft-sampling kernel against its reference."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from specguard_vllm.kernels.draft_sampling import draft_sample_triton
+from specguard_vllm.kernels.draft_sampling_ref import draft_sample_ref
+
+
+def tempered_intervals(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    """Each token's CDF interval ``(lower, upper]`` and weight, in float64."""
+    w = torch.softmax(logits.double() / temperature, dim=-1)
+    cdf = w.cumsum(dim=-1)
+    weight = w.gather(1, tokens[:, None]).squeeze(1)
+    upper = cdf.gather(1, tokens[:, None]).squeeze(1)
+    return upper - weight, upper, weight, cdf[:, -1]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rows=st.integers(1, 6),
+    vocab=st.sampled_from([1, 7, 100, 1000, 5003]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    temperature=st.sampled_from([0.3, 0.7, 1.0, 1.7]),
+    block_v=st.sampled_from([16, 256, None]),
+    banned=st.sampled_from([0.0, 0.5, 0.9]),
+    with_greedy=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_draws_within_the_tempered_cdf_and_matches_the_reference(
+        device, rows, vocab, dtype, temperature, block_v, banned, with_greedy, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 4)
+    mask = torch.rand(rows, vocab, generator=gen) < banned
+    mask[torch.arange(rows), torch.randint(0, vocab, (rows,), generator=gen)] = False
+    logits = logits.masked_fill(mask, float("-inf")).to(dtype)
+    u = torch.rand(rows, generator=gen).clamp(min=1e-6)
+    u[0] = 1.0  # the largest keyed uniform rounds to 1.0 in float32
+    greedy = (torch.rand(rows, generator=gen) < 0.4) if with_greedy else None
+    tokens, logprobs = draft_sample_triton(logits.to(device), u.to(device),
+                                           None if greedy is None else greedy.to(device),
+                                           temperature=temperature, block_v=block_v)
+    tokens, logprobs = tokens.cpu(), logprobs.cpu()
+    ref_tokens, ref_logprobs = draft_sample_ref(logits, u, greedy, temperature=temperature)
+    assert tokens.dtype == torch.int64 and tokens.lt(vocab).all() and tokens.ge(0).all()
+    x = logits.float()
+    lower, upper, weight, total = tempered_intervals(x, tokens, temperature)
+    assert weight.gt(0).all()  # never an id of probability 0
+    sampled = torch.ones(rows, dtype=torch.bool) if greedy is None else ~greedy
+    target = u.double() * total
+    slack = 1e-5
+    inside = (lower - slack <= target) & (target <= upper + slack)
+    assert inside[sampled].all()
+    if greedy is not None:  # greedy rows: exactly the first argmax
+        assert torch.equal(tokens[greedy], x.argmax(dim=-1)[greedy])
+    # Away from a CDF boundary (float rounding), the very token the reference draws.
+    r_lower, r_upper, _, _ = tempered_intervals(x, ref_tokens, temperature)
+    clear = (target - r_lower > slack) & (r_upper - target > slack)
+    assert torch.equal(tokens[clear | ~sampled], ref_tokens[clear | ~sampled])
+    want = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(logprobs, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_logprobs[clear | ~sampled], want[clear | ~sampled],
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_draws_follow_the_tempered_distribution(device):
+    """4,000 stratified uniforms through one row: frequencies match the weights."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3)) * 2
+    n = 4000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens, _ = draft_sample_triton(logits.expand(n, -1).contiguous().to(device),
+                                    u.float().to(device), None, temperature=0.7, block_v=16)
+    counts = torch.bincount(tokens.cpu(), minlength=50).double() / n
+    p = torch.softmax(logits[0].double() / 0.7, dim=-1)
+    assert (counts - p).abs().max() <= 1.5 / n + 1e-9  # stratified: off by a draw at most
+
+
+def test_launch_wrapper_rejects_bad_inputs(device):
+    logits = torch.randn(3, 10, device=device)
+    u = torch.rand(3, device=device)
+    with pytest.raises(ValueError, match="unit stride"):
+        draft_sample_triton(logits.t(), torch.rand(10, device=device), None, temperature=0.7)
+    with pytest.raises(ValueError, match="temperature"):
+        draft_sample_triton(logits, u, None, temperature=0.0)
+    with pytest.raises(ValueError, match="one entry per row"):
+        draft_sample_triton(logits, u[:2], None, temperature=0.7)
+    with pytest.raises(TypeError, match="bool"):
+        draft_sample_triton(logits, u, torch.zeros(3, dtype=torch.int32, device=device),
+                            temperature=0.7)
+
+
+def test_strided_uniforms_and_flags_are_read_per_row(device):
+    """The proposer passes column ``step`` of its ``[R, K]`` draws (a strided view)."""
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(6, 64, generator=gen) * 3).to(device)
+    draws = torch.rand(6, 5, generator=gen).to(device)
+    flags = (torch.rand(6, 2, generator=gen) < 0.5).to(device)
+    got = draft_sample_triton(logits, draws[:, 3], flags[:, 1], temperature=0.7, block_v=16)
+    want = draft_sample_triton(logits, draws[:, 3].clone(), flags[:, 1].clone(),
+                               temperature=0.7, block_v=16)
+    ref = draft_sample_ref(logits.cpu(), draws[:, 3].cpu(), flags[:, 1].cpu(), temperature=0.7)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[0].cpu(), ref[0])
