@@ -46,9 +46,9 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
+from specguard_vllm.kernels.dispatch import draft_sample
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
-from specguard_vllm.kernels.dispatch import draft_sample
 from specguard_vllm.plugin.keyed_sampling import row_streams, uniforms_at
 from specguard_vllm.plugin.row_compaction import RowCompaction
 from specguard_vllm.plugin.step_state import DraftRowHint
