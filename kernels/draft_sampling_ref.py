@@ -3,6 +3,13 @@
 One draft position of the proposer's loop: per row, a token at ``temperature`` drawn by the
 row's keyed uniform (inverse CDF), or the argmax for greedy rows, and the token's raw
 (temperature 1) log-prob, which the selector's tie-break reads.
+
+Measured on CPU (one thread, 256 rows x 512 ids): the full-vocabulary ``cumsum`` costs
+~95 us, ``softmax`` ~53 us. A block-wise pick (block masses, then a scan inside one block)
+cut 256 rows to ~240 us from ~310 us but cost ~60 us against ~21 us at 4 rows (twice the
+ops, each with a fixed dispatch cost), and switching between the two by batch size would
+make a request's draws depend, at float rounding, on the batch. So the reference is one
+full scan; on CUDA the fused kernel replaces it.
 """
 
 from __future__ import annotations

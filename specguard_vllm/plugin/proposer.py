@@ -224,15 +224,15 @@ class SpecGuardDraftProposer(DraftModelProposer):
         ``all_greedy`` (known on the host): every row is a tail, so nothing is sampled and
         no log-prob is needed (the selector reads a step's own log-probs only): None.
         """
-        if logits.dtype != torch.float32:
-            logits = logits.float()
         if all_greedy:
             return logits.argmax(dim=-1), None
         temperature = self.specguard.specguard.draft_temperature
         greedy = cand.greedy if greedy is None else greedy
-        if temperature > 0.0:  # one fused kernel on CUDA (kernels/draft_sampling.py)
+        if temperature > 0.0:  # one fused kernel on CUDA (kernels/draft_sampling.py), which
+            # reads fp16/bf16 logits as they are: no float32 copy of the rows first
             u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
             return draft_sample(logits, u, greedy, temperature=temperature)
+        logits = logits.float()
         tokens = logits.argmax(dim=-1)
         logprobs = torch.log_softmax(logits, dim=-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
