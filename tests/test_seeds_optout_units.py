@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from specguard_vllm.config import (
     ConfigError,
@@ -19,7 +22,7 @@ from specguard_vllm.config import (
     request_opts_out,
 )
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.plugin.keyed_sampling import keyed_uniforms
+from specguard_vllm.plugin.keyed_sampling import keyed_uniforms, row_stream, row_streams
 from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
 from specguard_vllm.plugin.request_params import resolve_opt_out
 from specguard_vllm.plugin.step_state import (
@@ -49,6 +52,7 @@ def proposer(requests=None, *, k=4, temperature=0.7, config_seed=0, engine_seed=
     p._tail_staging = {}
     p._owner = SimpleNamespace(requests=requests or {})
     p._request_keys = {}
+    p._request_streams = {}
     p.segmenter = segmenter()
     p.num_speculative_tokens = 6
     p.block_size = block_size
@@ -80,6 +84,13 @@ def test_keyed_uniforms_are_a_function_of_key_candidate_and_position_only():
     assert counts.min() > 1800 and counts.max() < 2200  # 2000 expected per decile
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(1 << 63), (1 << 63) - 1), st.integers(0, 64))
+def test_a_row_stream_hashed_on_the_host_is_the_device_hash(key, candidate):
+    device = row_streams(torch.tensor([key]), torch.tensor([candidate]))
+    assert row_stream(key, candidate) == device.item()
+
+
 def test_request_keys_seeded_by_seed_and_prompt_unseeded_by_request_id_and_engine_seed():
     requests = {"a-1": request(seed=3), "b-2": request(seed=3), "c-3": request(seed=4),
                 "d-4": request(seed=0), "e-5": request(), "f-6": request(), "0_g-7": request(),
@@ -97,8 +108,9 @@ def test_request_keys_seeded_by_seed_and_prompt_unseeded_by_request_id_and_engin
     assert other_config._request_key("a-1") != key("a-1")
     # The same on every process: nothing per-process enters the key.
     assert proposer(requests)._request_key("e-5") == key("e-5")
+    assert len(p._streams("a-1", 4)) == 4
     p.forget(["a-1"])
-    assert "a-1" not in p._request_keys
+    assert "a-1" not in p._request_keys and "a-1" not in p._request_streams
 
 
 def test_unseeded_greedy_requests_are_keyed_by_prompt_so_they_are_reproducible():
@@ -123,7 +135,8 @@ def test_candidate_rows_are_ragged_with_one_greedy_row_for_an_opted_out_request(
     assert cand.req_of_row.tolist() == [0, 0, 0, 0, 1, 2, 3, 3, 3, 3]
     assert cand.cand_of_row.tolist() == [0, 1, 2, 3, 0, 0, 0, 1, 2, 3]
     assert cand.greedy.tolist() == [False] * 4 + [True] + [False] * 5
-    assert cand.keys.tolist()[:4] == [p._request_key("r0")] * 4
+    keys = torch.tensor([p._request_key(r) for r in ("r0", "r1", "r2", "r3")])
+    assert cand.streams.tolist() == row_streams(keys[cand.req_of_row], cand.cand_of_row).tolist()
     uniform = p._candidate_rows([DraftRowHint()] * 2, ["r0", "r1"], 3, torch.device("cpu"))
     assert uniform.greedy is None and uniform.cand_of_row.tolist() == [0, 1, 2, 0, 1, 2]
 
@@ -146,7 +159,7 @@ def test_sampling_draws_each_row_from_its_own_key_whatever_the_batch():
 
 def test_rows_past_their_step_end_draft_greedily_and_the_rest_keep_their_draws():
     """A tail (past the step's end) is the draft's argmax; a row still in its step keeps the
-    keyed draw it would have had anyway; with every row a tail nothing is sampled."""
+    keyed draw it would have had anyway."""
     p = proposer({"r0": request(), "r1": request()}, temperature=0.7)
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3)) * 2
     cand = p._candidate_rows([DraftRowHint()] * 2, ["r0", "r1"], 4, torch.device("cpu"))
@@ -157,9 +170,6 @@ def test_rows_past_their_step_end_draft_greedily_and_the_rest_keep_their_draws()
     argmax = logits.argmax(dim=-1)
     assert torch.equal(tokens, torch.where(past, argmax, sampled))
     assert sampled.ne(argmax).any()  # at T = 0.7 some draws are not the argmax
-    all_tails, _ = p._sample(logits, cand, positions, greedy=torch.ones(8, dtype=torch.bool),
-                             all_greedy=True)
-    assert torch.equal(all_tails, argmax)
     assert torch.allclose(logprobs, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
 
 
@@ -250,27 +260,63 @@ def test_select_compares_candidates_on_their_step_part_only():
     assert out[0, :4].tolist() == [0, 2, 0, 0]  # equal steps: the higher step log-likelihood
 
 
-def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
+def test_drafted_columns_are_written_per_row_set_where_they_belong():
+    """Columns are kept until a flush, then written for the rows that drafted them (all of
+    the call's rows, then the narrowed ones); tail columns leave their log-probs at 0."""
     from specguard_vllm.plugin.proposer import _LiveRows
 
     p = proposer(k=2)
     cand = p._candidate_rows([DraftRowHint(), DraftRowHint()], ["a", "b"], 2, torch.device("cpu"))
-    live = _LiveRows.start(p.segmenter, cand, torch.zeros(4, dtype=torch.int64))
-    live.push(torch.tensor([2, 0, 2, 2]), 0)
+    live = _LiveRows.start(p.segmenter, cand, torch.zeros(4, dtype=torch.int64),
+                           np.array([0, 0, 1, 1]))
+    tokens, logprobs = torch.zeros(4, 4, dtype=torch.int64), torch.zeros(4, 4)
+    live.write(0, torch.tensor([1, 2, 3, 0]), torch.tensor([-1.0, -2.0, -3.0, -4.0]))
+    live.write(1, torch.tensor([2, 2, 2, 2]), torch.tensor([-0.5] * 4))
+    assert tokens.abs().sum() == 0  # nothing written before the flush
+    live.flush(tokens, logprobs)
+    narrow = live.narrowed(torch.tensor([1, 3]), np.array([0, 1]))
+    narrow.write(2, torch.tensor([3, 1]), None)
+    narrow.write(3, torch.tensor([0, 3]), None)
+    narrow.flush(tokens, logprobs)
+    assert tokens.tolist() == [[1, 2, 0, 0], [2, 2, 3, 0], [3, 2, 0, 0], [0, 2, 1, 3]]
+    assert logprobs.tolist() == [[-1.0, -0.5, 0, 0], [-2.0, -0.5, 0, 0], [-3.0, -0.5, 0, 0],
+                                 [-4.0, -0.5, 0, 0]]
+    narrow.write(2, torch.tensor([1, 1]), None)
+    with pytest.raises(AssertionError, match="flush"):
+        narrow.narrowed(torch.tensor([0]), np.array([0]))
+
+
+def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
+    """The device flags (the CUDA poll) and the host poll (elsewhere) agree, and the step
+    ends counted on the absorbing automaton are where each row's delimiter was drafted."""
+    from specguard_vllm.plugin.proposer import StepEndPoll, _LiveRows
+
+    p = proposer(k=2)
+    cand = p._candidate_rows([DraftRowHint(), DraftRowHint()], ["a", "b"], 2, torch.device("cpu"))
+    live = _LiveRows.start(p.segmenter, cand, torch.zeros(4, dtype=torch.int64),
+                           np.array([0, 0, 1, 1]))
+    poll = StepEndPoll(torch.device("cpu"), 2)
+    assert poll.post(live).tolist() == [False, False] and poll.all_open
+    assert live.past_step(poll.all_open) is None and live.ends.tolist() == [0, 0, 0, 0]
+    live.push(torch.tensor([2, 0, 2, 2]))
     assert live.requests_done(2).tolist() == [False, True]
-    live.push(torch.tensor([0, 2, 0, 0]), 1)
+    assert poll.post(live).tolist() == [False, True] and not poll.all_open
+    assert live.past_step(poll.all_open).tolist() == [True, False, True, True]
+    live.push(torch.tensor([0, 2, 0, 0]))  # END is absorbing: ended rows keep their end
     assert live.requests_done(2).tolist() == [True, True] and live.ends.tolist() == [1, 2, 1, 1]
+    assert poll.post(live).tolist() == [True, True]
     # Narrowed to rows 1 and 2: the dropped rows' step ends are kept.
-    narrow = live.narrowed(torch.tensor([1, 2]))
+    narrow = live.narrowed(torch.tensor([1, 2]), np.array([0, 1]))
     assert narrow.row_ids().tolist() == [1, 2] and narrow.full_ends().tolist() == [1, 2, 1, 1]
-    narrow.push(torch.tensor([0, 0]), 2)
+    narrow.push(torch.tensor([0, 0]))
     assert narrow.requests_done(2).tolist() == [True, True]
+    assert narrow.full_ends().tolist() == [1, 2, 1, 1]
     idle = p._candidate_rows([DraftRowHint(needs_no_draft=True)], ["a"], 2, torch.device("cpu"))
-    live = _LiveRows.start(p.segmenter, idle, torch.zeros(1, dtype=torch.int64))
+    live = _LiveRows.start(p.segmenter, idle, torch.zeros(1, dtype=torch.int64), np.array([0]))
     assert live.requests_done(1).tolist() == [True]  # no row waits: done before any token
+    assert StepEndPoll(torch.device("cpu"), 1).post(live).tolist() == [True]
     opened = [DraftRowHint(open_state=p.segmenter.state_after([0]))]
     assert p._candidate_rows(opened, ["a"], 2, torch.device("cpu")).open_states.tolist() == [0, 0]
-
 
 
 # ------------------------------------------------------------------ the opt-out

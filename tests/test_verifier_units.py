@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -61,3 +62,27 @@ def test_rows_to_device_is_one_tensor_of_the_rows():
     assert got.shape == (3, 3) and got.dtype == torch.float64
     assert got.tolist() == [[1, 2, 3], [1, 0, 1], [0.5, 0.25, 1.0]]
     assert rows_to_device([[], []], torch.int64, "cpu").shape == (2, 0)
+
+
+def test_row_facts_judge_whole_steps_only_and_route_the_rest_token_level():
+    """One row per case (drafts, step length, proposed step, fallback speculative, finishing a
+    rejected step token-level, decision) -> judged, truncated, regenerated, token-level."""
+    from specguard_vllm.plugin.verifier import _RowFacts
+
+    cases = [
+        # n, step, proposed, spec, in_token, accepted -> judged, truncated, rejected, token_level
+        ((3, 3, 3, False, False, True), (True, False, False, False)),  # accepted whole step
+        ((3, 3, 3, False, False, False), (True, False, True, False)),  # fallback target: regenerate
+        ((5, 3, 3, True, False, False), (True, False, False, True)),  # fallback speculative
+        ((5, 3, 3, True, False, True), (True, False, False, False)),  # accepted, tail token-level
+        ((2, 2, 4, False, False, True), (False, True, False, True)),  # the scheduler cut the step
+        ((3, 3, 3, True, True, True), (False, False, False, True)),  # finishing a rejected step
+        ((3, 0, 0, True, False, False), (False, False, False, True)),  # no step in the row
+        ((0, 0, 0, False, False, False), (False, False, False, False)),  # no drafts at all
+    ]
+    n, step, proposed, spec, in_token, accepted = (list(col) for col in zip(*(c for c, _ in cases)))
+    facts = _RowFacts(n, step, proposed, spec, in_token)
+    outcome = facts.outcome(np.asarray(accepted) & facts.judged)
+    got = list(zip(facts.judged.tolist(), facts.truncated.tolist(), outcome.rejected.tolist(),
+                   outcome.token_level.tolist()))
+    assert got == [expected for _, expected in cases]

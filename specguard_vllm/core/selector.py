@@ -84,13 +84,15 @@ def _lcs_lengths(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     running maximum of ``v`` (``dp[i][j] = max(dp[i][j-1], v[j])``). A position of ``a``
     past its length matches nothing and leaves the row as it was (``dp`` is already
     nondecreasing along ``j``), so no mask is needed; ``dp`` sits behind a zero column so
-    that its shift is a view. Four ops per position: the loop runs on small tensors."""
+    that its shift is a view, and the running maximum is written into it in place. Three
+    ops per position: the loop runs on small tensors, so the op count is its cost."""
     pairs, width = a.shape
     matches = (a.unsqueeze(2) == b.unsqueeze(1)).to(torch.int64)  # [P, L(a), L(b)]
     padded = torch.zeros(pairs, width + 1, dtype=torch.int64, device=a.device)
     dp, shifted = padded[:, 1:], padded[:, :-1]
-    for i in range(width):
-        dp.copy_(torch.cummax(torch.maximum(dp, shifted + matches[:, i]), dim=1).values)
+    argmax = torch.empty_like(dp)  # cummax's indices, unused
+    for match in matches.unbind(1):
+        torch.cummax(torch.maximum(dp, shifted + match), dim=1, out=(dp, argmax))
     return dp[:, -1]
 
 

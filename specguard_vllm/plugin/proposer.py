@@ -40,6 +40,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.forward_context import set_forward_context
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
@@ -49,7 +50,7 @@ from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.kernels.dispatch import draft_sample
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
-from specguard_vllm.plugin.keyed_sampling import row_streams, uniforms_at
+from specguard_vllm.plugin.keyed_sampling import row_stream, uniforms_at
 from specguard_vllm.plugin.row_compaction import RowCompaction
 from specguard_vllm.plugin.step_state import DraftRowHint
 
@@ -76,11 +77,11 @@ class CandidateRows:
     starts_t: torch.Tensor  # [B] int64
     req_of_row: torch.Tensor  # [R] int64: the request of each row
     cand_of_row: torch.Tensor  # [R] int64: the candidate index of each row
-    keys: torch.Tensor  # [R] int64: the request's draft-randomness key
-    streams: torch.Tensor  # [R] int64: row_streams(keys, cand_of_row), hashed once per call
+    streams: torch.Tensor  # [R] int64: row_streams(request key, cand_of_row), hashed on the host
     greedy: torch.Tensor | None  # [R] bool: rows drafted greedily (None: no such row)
     open_states: torch.Tensor  # [R] int64: the segmenter state of the request's open step
     waits: torch.Tensor  # [R] bool: drafting goes on until this row's step has ended
+    request_waits: np.ndarray  # [B] bool, host: the same per request
 
     @property
     def rows(self) -> int:
@@ -90,24 +91,34 @@ class CandidateRows:
 class StepEndPoll:
     """Which requests' candidates have all ended their step, read without stalling the device.
 
-    Elsewhere than CUDA the flags are read at once. On CUDA each position's flags are
-    copied to pinned memory asynchronously and the previous position's are read: by then
-    the next forward is already queued, so the device never idles for the host, and a
-    request's rows are dropped at most one position later than they could be.
+    Elsewhere than CUDA the rows' open flags are read at once (a view, no copy) and summed
+    per request in NumPy, which also tells whether any row is past its step yet. On CUDA
+    each position's per-request flags are copied to pinned memory asynchronously and the
+    previous position's are read: by then the next forward is already queued, so the device
+    never idles for the host, and a request's rows are dropped at most one position later
+    than they could be.
     """
 
     def __init__(self, device: torch.device, num_reqs: int):
         self.lagged = device.type == "cuda"
+        self.num_reqs = num_reqs
+        # Host-known after each post (not lagged only): every live row's step is still open.
+        self.all_open = False
         self._posted = 0
         if self.lagged:
             self._slots = [(torch.zeros(num_reqs, dtype=torch.bool, pin_memory=True),
                             torch.cuda.Event()) for _ in range(2)]
 
-    def post(self, done: torch.Tensor) -> torch.Tensor | None:
-        """Post this position's ``[B]`` flags; returns the latest flags readable now (host),
-        None while there are none yet."""
+    def post(self, live: _LiveRows) -> np.ndarray | None:
+        """Post this position's flags; returns the latest per-request ``[B]`` done flags
+        readable now (host), None while there are none yet."""
         if not self.lagged:
-            return done.cpu()
+            open_rows = live.open_host()
+            pending = np.bincount(live.req_host, weights=open_rows & live.waits_host,
+                                  minlength=self.num_reqs)
+            self.all_open = bool(open_rows.all())
+            return pending == 0
+        done = live.requests_done(self.num_reqs)
         buffer, event = self._slots[self._posted % 2]
         buffer.copy_(done, non_blocking=True)
         event.record()
@@ -117,7 +128,7 @@ class StepEndPoll:
         previous, previous_event = self._slots[self._posted % 2]
         with waits_for_device("step_end_poll", done.device):
             previous_event.synchronize()
-        return previous.clone()
+        return previous.numpy().copy()
 
 
 def scratch_blocks_per_row(block_size: int, max_step: int) -> int:
@@ -146,8 +157,10 @@ class SpecGuardDraftProposer(DraftModelProposer):
         # state). A draft whose embedding is padded past it never proposes a padding id.
         self.proposable_ids: int | None = None
         self._owner = runner
-        # Each request's draft-randomness key (see _request_key), computed once.
+        # Each request's draft-randomness key (see _request_key) and its candidates' random
+        # streams (keyed_sampling.row_stream), computed once per request.
         self._request_keys: dict[str, int] = {}
+        self._request_streams: dict[str, list[int]] = {}
         # [B] on the device after each propose: where the chosen row's step ends (its
         # length up to and including the delimiter; 0: no step end within the row).
         self.chosen_step_ends: torch.Tensor | None = None
@@ -183,9 +196,18 @@ class SpecGuardDraftProposer(DraftModelProposer):
             self._request_keys[req_id] = key
         return key
 
+    def _streams(self, req_id: str, k: int) -> list[int]:
+        """The random streams of a request's k candidates (host ints, hashed once)."""
+        streams = self._request_streams.get(req_id)
+        if streams is None or len(streams) < k:
+            key = self._request_key(req_id)
+            streams = self._request_streams[req_id] = [row_stream(key, c) for c in range(k)]
+        return streams
+
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
             self._request_keys.pop(req_id, None)
+            self._request_streams.pop(req_id, None)
 
     def _candidate_rows(self, hints: list[DraftRowHint], req_ids: list[str], k: int,
                         device: torch.device) -> CandidateRows:
@@ -194,9 +216,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
         counts = [1 if hint.opted_out or hint.needs_no_draft else k for hint in hints]
         greedy = [int(hint.opted_out) for hint in hints]
         waits = [int(not hint.needs_no_draft) for hint in hints]
-        counts_t, greedy_t, keys_t, states_t, waits_t = rows_to_device(
-            [counts, greedy, [self._request_key(r) for r in req_ids],
-             [hint.open_state for hint in hints], waits], torch.int64, device).unbind(0)
+        counts_t, greedy_t, states_t, waits_t = rows_to_device(
+            [counts, greedy, [hint.open_state for hint in hints], waits], torch.int64,
+            device).unbind(0)
+        streams = rows_to_device([[s for r, n in zip(req_ids, counts)
+                                   for s in self._streams(r, k)[:n]]], torch.int64, device)[0]
         starts = [0] * len(counts)
         for i in range(1, len(counts)):
             starts[i] = starts[i - 1] + counts[i - 1]
@@ -206,26 +230,23 @@ class SpecGuardDraftProposer(DraftModelProposer):
         cand_of_row = torch.arange(rows, device=device) - starts_t[req_of_row]
         return CandidateRows(
             counts=counts, starts=starts, counts_t=counts_t, starts_t=starts_t,
-            req_of_row=req_of_row, cand_of_row=cand_of_row, keys=keys_t[req_of_row],
-            streams=row_streams(keys_t[req_of_row], cand_of_row),
+            req_of_row=req_of_row, cand_of_row=cand_of_row, streams=streams,
             greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
-            open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row])
+            open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
+            request_waits=np.asarray(waits, dtype=bool))
 
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,
                 positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
-                greedy: torch.Tensor | None = None, all_greedy: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
 
         Inverse-CDF sampling of all rows at once, each from its own keyed uniform
         (``positions``: the position whose logits these are; ``uniforms``: the rows'
         draws there when the caller computed them already), so a request's draws depend
-        only on it. Rows set in ``greedy`` (default: ``cand.greedy``) take the argmax;
-        ``all_greedy`` (known on the host): every row is a tail, so nothing is sampled and
-        no log-prob is needed (the selector reads a step's own log-probs only): None.
+        only on it. Rows set in ``greedy`` (default: ``cand.greedy``) take the argmax.
+        (With every row a tail the draft loop takes the argmax itself and reads no log-prob:
+        the selector compares a step's own log-probs only.)
         """
-        if all_greedy:
-            return logits.argmax(dim=-1), None
         temperature = self.specguard.specguard.draft_temperature
         greedy = cand.greedy if greedy is None else greedy
         if temperature > 0.0:  # one fused kernel on CUDA (kernels/draft_sampling.py), which
@@ -409,7 +430,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                    [hint.needs_no_draft for hint in hints],
                                    greedy=[hint.opted_out for hint in hints])
         positions = self.positions[sample_idx][:num_reqs].clone()  # position of the bonus token
-        live = _LiveRows.start(self.segmenter, cand, positions.to(torch.int64)[cand.req_of_row])
+        live = _LiveRows.start(self.segmenter, cand, positions.to(torch.int64)[cand.req_of_row],
+                               compaction.request_of_rows())
         tokens_out = torch.zeros(cand.rows, K, dtype=torch.int64, device=hidden.device)
         logprobs_out = torch.zeros(cand.rows, K, dtype=torch.float32, device=hidden.device)
         kept = cand.starts_t.clone()  # each request's chosen row (set as requests are chosen)
@@ -419,9 +441,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
             if self.specguard.specguard.draft_temperature > 0.0 else None
         token, lp = self._sample(first_logits[cand.req_of_row], live,
                                  uniforms=live.column(uniforms, 0))
-        tokens_out[:, 0], logprobs_out[:, 0] = token, lp
+        live.write(0, token, lp)
         length = 1
-        live.push(token, 0)
+        live.push(token)
         drafted_rows = cand.rows  # row-positions sampled, the first pass's included (metrics)
         poll = StepEndPoll(hidden.device, num_reqs)
 
@@ -451,17 +473,21 @@ class SpecGuardDraftProposer(DraftModelProposer):
             mode, padded_rows, across_dp = self._determine_batch_execution_and_padding(rows)
             for step in range(1, K):
                 # Requests whose candidates have all ended their step keep one row (the
-                # chosen one, drafting on to K) or none; see row_compaction.
-                done = poll.post(live.requests_done(num_reqs))
-                narrowing = None if done is None else compaction.plan(done)
+                # chosen one, drafting on to K) or none; see row_compaction. Once only
+                # tails are left every request is settled: nothing to poll or plan.
+                narrowing = None
+                if not compaction.all_tails:
+                    done = poll.post(live)
+                    narrowing = None if done is None else compaction.plan(done)
                 if narrowing is not None:
+                    live.flush(tokens_out, logprobs_out)
                     local = self._settle(narrowing, compaction, live, kept, cand,
                                          tokens_out[:, :length], logprobs_out[:, :length])
                     compaction.apply(narrowing)
                     rows = compaction.total
                     if rows == 0:
                         break
-                    live = live.narrowed(local)
+                    live = live.narrowed(local, compaction.request_of_rows())
                     token, positions_e = token[local], positions_e[local]
                     cad_e = _narrow_rows(cad_e, local, narrowing.bound_rows, self.arange,
                                          self._slot_mapping_buffer)
@@ -480,15 +506,22 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 if isinstance(hidden, tuple):
                     hidden = hidden[0]
                 # Past its step's end a row drafts its tail greedily, as token-level SD's
-                # draft does (SPECGUARD.md 4): only the step's tokens are sampled.
-                token, lp = self._sample(self._draft_logits(hidden[:rows]), live,
-                                         uniforms=live.column(uniforms, step),
-                                         greedy=live.past_step(), all_greedy=compaction.all_tails)
-                live.write(tokens_out, logprobs_out, step, token, lp)
-                live.push(token, step)
+                # draft does (SPECGUARD.md 4): only the step's tokens are sampled. A tail's
+                # step has ended (or, SpecGuard off, has none to find): no automaton either,
+                # so an all-tails position costs what one of vLLM's own SD does.
+                logits = self._draft_logits(hidden[:rows])
+                if compaction.all_tails:
+                    token = logits.argmax(dim=-1)
+                    live.write(step, token, None)
+                else:
+                    token, lp = self._sample(logits, live, uniforms=live.column(uniforms, step),
+                                             greedy=live.past_step(poll.all_open))
+                    live.write(step, token, lp)
+                    live.push(token)
                 length = step + 1
                 drafted_rows += rows
 
+        live.flush(tokens_out, logprobs_out)
         step_ends = live.full_ends()
         self._choose_into(kept, compaction.unchosen(), tokens_out[:, :length],
                           logprobs_out[:, :length], step_ends, cand)
@@ -517,17 +550,17 @@ class SpecGuardDraftProposer(DraftModelProposer):
         """Keep the most central candidate per request (a request with one row keeps it);
         returns ``[B, K]`` (0-padded) and sets :attr:`chosen_step_ends`."""
         index = cand.starts_t.clone()
-        several = (torch.tensor(cand.counts) > 1).nonzero().view(-1)
+        several = np.flatnonzero(np.asarray(cand.counts) > 1)
         self._choose_into(index, several, tokens, logprobs, step_ends, cand)
         return self._chosen_rows(tokens, step_ends, index)
 
-    def _choose_into(self, index: torch.Tensor, requests: torch.Tensor, tokens: torch.Tensor,
+    def _choose_into(self, index: torch.Tensor, requests: np.ndarray, tokens: torch.Tensor,
                      logprobs: torch.Tensor, step_ends: torch.Tensor, cand: CandidateRows) -> None:
         """Set ``index[r]`` (device) to the chosen row of each request ``r`` of ``requests``
         (host indices, k candidates each); nothing to do for none."""
-        if requests.numel():
-            requests = requests.to(index.device, non_blocking=True)
-            index[requests] = self._choose_among(tokens, logprobs, step_ends, cand, requests)
+        if requests.size:
+            on_device = torch.from_numpy(requests).to(index.device, non_blocking=True)
+            index[on_device] = self._choose_among(tokens, logprobs, step_ends, cand, on_device)
 
     def _choose_among(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,
                       cand: CandidateRows, requests: torch.Tensor) -> torch.Tensor:
@@ -557,7 +590,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         return out
 
 
-def _narrow_rows(cad, local: torch.Tensor, bound_rows: torch.Tensor, arange: torch.Tensor,
+def _narrow_rows(cad, local: torch.Tensor, bound_rows: np.ndarray, arange: torch.Tensor,
                  slot_mapping_buffer: torch.Tensor):
     """The drafting attention metadata of the rows ``local`` (device indices into the
     current rows) only.
@@ -572,39 +605,52 @@ def _narrow_rows(cad, local: torch.Tensor, bound_rows: torch.Tensor, arange: tor
         query_start_loc=arange[: num + 1],
         query_start_loc_cpu=torch.arange(num + 1, dtype=torch.int32),
         seq_lens=cad.seq_lens[local],
-        seq_lens_cpu_upper_bound=None if bound is None else bound[bound_rows],
+        seq_lens_cpu_upper_bound=None if bound is None else bound[torch.from_numpy(bound_rows)],
         block_table_tensor=cad.block_table_tensor[local],
         slot_mapping=slot_mapping_buffer[:num])
 
 
 @dataclass
 class _LiveRows:
-    """The candidate rows still drafting (device tensors), with each one's step end.
+    """The candidate rows still drafting (device tensors), with where each one's step ends.
 
     ``rows`` maps them to the call's candidate rows (None: all of them, in order); the
-    step ends of rows dropped earlier are kept in ``dropped_ends``.
+    step ends of rows dropped earlier are kept in ``dropped_ends``. The automaton's END is
+    absorbing, so a row's step end is counted rather than tracked: ``open`` says whether
+    its step is still open, ``open_pushes`` how many of its tokens left it open (the step
+    ends at that count plus one); a position costs one gather and two small ops per row.
     """
 
     segmenter: StepSegmenter | None
     rows: torch.Tensor | None  # [Ra] int64: candidate row of each live row
     req: torch.Tensor  # [Ra] int64: its request
+    req_host: np.ndarray  # [Ra] int64: the same, on the host
     streams: torch.Tensor  # [Ra] its random stream (row_streams)
     greedy: torch.Tensor | None  # [Ra] bool: drafted greedily (None: no such row)
     positions: torch.Tensor  # [Ra] int64: where its draws of this call start
     states: torch.Tensor  # [Ra] int64: step automaton state
-    ends: torch.Tensor  # [Ra] int64: step end (0: not ended yet)
+    open: torch.Tensor  # [Ra] bool: its step has not ended yet
+    open_pushes: torch.Tensor  # [Ra] int64: tokens pushed that left its step open
     waits: torch.Tensor  # [Ra] bool: its request waits for this row's step to end
+    waits_host: np.ndarray  # [Ra] bool: the same, on the host
+    request_waits: np.ndarray  # [B] bool, host: per request (see CandidateRows)
     dropped_ends: torch.Tensor  # [R] int64: step ends of every candidate row, as last flushed
+    # Drafted columns not yet written to the call's outputs: (position, tokens, log-probs).
+    pending: list = dataclasses.field(default_factory=list)
+    _open_view: np.ndarray | None = None  # ``open`` as NumPy (CPU only), made once per row set
 
     @classmethod
-    def start(cls, segmenter, cand: CandidateRows, positions: torch.Tensor) -> _LiveRows:
-        ends = torch.zeros_like(cand.open_states)
-        return cls(segmenter=segmenter, rows=None, req=cand.req_of_row, streams=cand.streams,
-                   greedy=cand.greedy, positions=positions, states=cand.open_states,
-                   ends=ends, waits=cand.waits, dropped_ends=ends)
+    def start(cls, segmenter, cand: CandidateRows, positions: torch.Tensor,
+              req_host: np.ndarray) -> _LiveRows:
+        return cls(segmenter=segmenter, rows=None, req=cand.req_of_row, req_host=req_host,
+                   streams=cand.streams, greedy=cand.greedy, positions=positions,
+                   states=cand.open_states, open=torch.ones_like(cand.waits),
+                   open_pushes=torch.zeros_like(cand.open_states), waits=cand.waits,
+                   waits_host=cand.request_waits[req_host], request_waits=cand.request_waits,
+                   dropped_ends=torch.zeros_like(cand.open_states))
 
-    def push(self, tokens: torch.Tensor, position: int) -> None:
-        """Advance each row's step automaton by its token drafted at ``position``.
+    def push(self, tokens: torch.Tensor) -> None:
+        """Advance each row's step automaton by its token drafted at the next position.
 
         The tokens are the draft's own samples, below ``proposable_ids`` (at most the
         segmenter's vocabulary, see the runner's SpecGuard state), so the unchecked
@@ -612,19 +658,35 @@ class _LiveRows:
         if self.segmenter is None:
             return
         self.states = self.segmenter.advance_drafted(self.states, tokens)
-        ended = (self.states == self.segmenter.END) & (self.ends == 0)
-        self.ends = torch.where(ended, position + 1, self.ends)
+        torch.ne(self.states, self.segmenter.END, out=self.open)  # in place: see open_host
+        self.open_pushes += self.open
 
-    def past_step(self) -> torch.Tensor:
+    def open_host(self) -> np.ndarray:
+        """``open`` on the host, for a CPU tensor: a NumPy view made once for this row set
+        (``push`` updates ``open`` in place), so a poll reads it without a tensor op."""
+        if self._open_view is None:
+            self._open_view = self.open.numpy()
+        return self._open_view
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """``[Ra]`` int64: each live row's step end (its length up to and including the
+        delimiter; 0: not ended yet)."""
+        return torch.where(self.open, 0, self.open_pushes + 1)
+
+    def past_step(self, all_open: bool = False) -> torch.Tensor | None:
         """``[Ra]`` bool: rows drafted greedily now, those whose step has ended (their tail)
-        and those drafted greedily throughout (SpecGuard off)."""
-        ended = self.ends > 0
+        and those drafted greedily throughout (SpecGuard off). ``all_open``: known on the
+        host that no row's step has ended, so only the latter (None: no row at all)."""
+        if all_open:
+            return self.greedy
+        ended = ~self.open
         return ended if self.greedy is None else ended | self.greedy
 
     def requests_done(self, num_reqs: int) -> torch.Tensor:
-        """``[B]`` bool: every live row of the request that waits for its step has ended it
-        (a request with no live row counts as done)."""
-        pending = ((self.ends == 0) & self.waits).to(torch.int64)
+        """``[B]`` bool on the device: every live row of the request that waits for its
+        step has ended it (a request with no live row counts as done)."""
+        pending = (self.open & self.waits).to(torch.int64)
         return torch.zeros(num_reqs, dtype=torch.int64, device=pending.device) \
             .index_add_(0, self.req, pending) == 0
 
@@ -645,18 +707,35 @@ class _LiveRows:
             return None
         return per_row[:, step] if self.rows is None else per_row[self.rows, step]
 
-    def write(self, tokens_out: torch.Tensor, logprobs_out: torch.Tensor, step: int,
-              token: torch.Tensor, lp: torch.Tensor | None) -> None:
-        """Column ``step`` of the live rows; no log-probs (None): tails only, left at 0."""
-        rows = slice(None) if self.rows is None else self.rows
-        tokens_out[rows, step] = token
-        if lp is not None:
-            logprobs_out[rows, step] = lp
+    def write(self, step: int, token: torch.Tensor, lp: torch.Tensor | None) -> None:
+        """Column ``step`` of the live rows (no log-probs, None: tails only, left at 0), kept
+        until :meth:`flush`: the columns of one row set are written in one op each."""
+        self.pending.append((step, token, lp))
 
-    def narrowed(self, local: torch.Tensor) -> _LiveRows:
-        """The live rows ``local`` only (indices into the current live rows)."""
+    def flush(self, tokens_out: torch.Tensor, logprobs_out: torch.Tensor) -> None:
+        """Write the pending columns (consecutive positions) into the call's ``[R, K]``
+        outputs; the log-probs' columns, where there are any, come first."""
+        if not self.pending:
+            return
+        rows = slice(None) if self.rows is None else self.rows
+        first = self.pending[0][0]
+        tokens_out[rows, first: first + len(self.pending)] = \
+            torch.stack([token for _, token, _ in self.pending], dim=1)
+        lps = [lp for _, _, lp in self.pending if lp is not None]
+        if lps:
+            logprobs_out[rows, first: first + len(lps)] = torch.stack(lps, dim=1)
+        self.pending = []
+
+    def narrowed(self, local: torch.Tensor, req_host: np.ndarray) -> _LiveRows:
+        """The live rows ``local`` only (indices into the current live rows); ``req_host``:
+        their requests, which the host knows from the compaction (rows stay in order).
+        Flush the pending columns first."""
+        assert not self.pending, "flush the drafted columns before narrowing the rows"
         return dataclasses.replace(
-            self, rows=self.row_ids()[local], req=self.req[local], streams=self.streams[local],
+            self, rows=self.row_ids()[local], req=self.req[local], req_host=req_host,
+            streams=self.streams[local],
             greedy=None if self.greedy is None else self.greedy[local],
-            positions=self.positions[local], states=self.states[local], ends=self.ends[local],
-            waits=self.waits[local], dropped_ends=self.full_ends())
+            positions=self.positions[local], states=self.states[local], open=self.open[local],
+            open_pushes=self.open_pushes[local], waits=self.waits[local],
+            waits_host=self.request_waits[req_host],
+            dropped_ends=self.full_ends(), pending=[], _open_view=None)

@@ -35,9 +35,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
@@ -76,6 +77,35 @@ def _layer_statistics(capture, num_rows_t: int) -> tuple[torch.Tensor, torch.Ten
     averages = get_tp_group().all_reduce(tp.rows)  # [m, T, keys]: heads of every rank
     return ragged_step_stats(averages, tp.prefix_lens, tp.step_index, capture.sparsity,
                              tp.max_step_len)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    rejected: np.ndarray  # [B] bool: a rejected step the target regenerates
+    token_level: np.ndarray  # [B] bool: the row is verified token by token
+
+
+class _RowFacts:
+    """What the host knows of each verified row before the forward's results (NumPy, [B]),
+    and the outcome once the judged rows' decisions are read: no per-row loop, no device op."""
+
+    def __init__(self, num_drafts, step_lens, proposed, speculative, in_token_mode):
+        n = np.asarray(num_drafts, dtype=np.int64)
+        self.has_step = n > 0
+        self.speculative = np.asarray(speculative, dtype=bool)
+        # A row finishing a rejected step token-level (or one whose step has no drafts in it).
+        finishing = np.asarray(in_token_mode, dtype=bool) | (
+            self.has_step & (np.asarray(step_lens, dtype=np.int64) == 0))
+        self.finishing = finishing
+        self.truncated = self.has_step & ~finishing & (np.asarray(proposed, dtype=np.int64) > n)
+        self.judged = self.has_step & ~finishing & ~self.truncated
+
+    def outcome(self, accepted: np.ndarray) -> _Outcome:
+        """``accepted``: the decisions (host bool, False where not judged)."""
+        rejected = self.judged & ~accepted
+        token_level = self.has_step & (self.finishing | self.truncated
+                                       | (rejected & self.speculative))
+        return _Outcome(rejected=rejected & ~token_level, token_level=token_level)
 
 
 class SpecGuardRejectionSampler(RejectionSampler):
@@ -303,14 +333,19 @@ class SpecGuardRejectionSampler(RejectionSampler):
         n_list = list(metadata.num_draft_tokens)
         step_lens, proposed = self._step_lengths(req_ids, n_list)
         device = logits.device
-        # Every per-row host fact the decision needs, in one non-blocking copy (float64 holds
-        # the ints exactly; tau/beta round to float32 as a direct conversion would).
         taus, betas, speculative = self._request_params(req_ids)
-        knobs = rows_to_device([n_list, step_lens, proposed, speculative,
-                                self._in_token_level_mode(req_ids), taus, betas],
+        # Which rows are judged as steps is known on the host before the forward's results:
+        # rows finishing a rejected step token-level are not judged again, nor are steps the
+        # scheduler truncated (fewer drafts scheduled than the step has); those are verified
+        # token-level and the step stays open.
+        rows = _RowFacts(n_list, step_lens, proposed, speculative,
+                         self._in_token_level_mode(req_ids))
+        # Every per-row host fact the device needs, in one non-blocking copy (float64 holds
+        # the ints exactly; tau/beta round to float32 as a direct conversion would).
+        knobs = rows_to_device([n_list, step_lens, rows.judged.tolist(), taus, betas],
                                torch.float64, device)
-        num_drafts, step_lens_t, proposed_t, speculative_t, in_token_mode = knobs[:5].to(torch.int64)
-        tau_t, beta_t = knobs[5:].to(torch.float32)
+        num_drafts, step_lens_t, judged_t = knobs[:3].to(torch.int64)
+        tau_t, beta_t = knobs[3:].to(torch.float32)
         skipped = self.state.grounding_skipped
         if skipped:  # beta = 1 on every drafted row: the score never reads G
             g_min = torch.ones(num_rows, dtype=torch.float32, device=device)
@@ -321,32 +356,23 @@ class SpecGuardRejectionSampler(RejectionSampler):
             self.state.verdicts = None
             return super().forward(metadata, draft_probs, logits, sampling_metadata)
         started = time.perf_counter()
-        has_step = num_drafts > 0
         l_min = self._step_min_logprob(metadata, logits, step_lens, num_drafts, step_lens_t)
         cut = self._first_forbidden(metadata, logits, sampling_metadata, num_drafts, step_lens_t)
-
         score, accepted = decide_steps(l_min, g_min, tau=tau_t, beta=beta_t,
                                        lpbv_floor=self.specguard.specguard.lpbv_floor)
-        # Rows finishing a rejected step token-level are not judged as steps again, nor are
-        # steps the scheduler truncated (fewer drafts scheduled than the step has): those are
-        # verified token-level and the step stays open.
-        finishing = (in_token_mode != 0) | (has_step & (step_lens_t == 0))
-        truncated = has_step & ~finishing & (proposed_t > num_drafts)
-        judged = has_step & ~finishing & ~truncated
-        accepted = accepted & judged
-        rejected = judged & ~accepted
-        token_level = has_step & (finishing | truncated | (rejected & (speculative_t != 0)))
-        rejected = rejected & ~token_level
-        # The step's one host transfer: every per-row outcome, the cut and the scores (float64
-        # holds the int flags, the cut and the float32 scores exactly).
+        accepted = accepted & (judged_t != 0)
+        # The step's one host transfer: each row's decision, its cut and its scores (float64
+        # holds the flag, the cut and the float32 scores exactly); the rest is host-known.
         host_t = copy_to_host(torch.stack([v.to(torch.float64) for v in (
-            accepted, rejected, token_level, truncated, judged, cut, l_min, g_min, score)]),
-            "verify_results")
+            accepted, cut, l_min, g_min, score)]), "verify_results")
+        accepted_h = host_t[0].numpy() != 0.0
+        outcome = rows.outcome(accepted_h)
         host = host_t.tolist()
-        accepted_list, rejected_list, token_level_list, truncated_list, judged_list = (
-            [v != 0.0 for v in row] for row in host[:5])
-        cut_list = [int(v) for v in host[5]]
-        l_list, g_list, s_list = host[6:]
+        accepted_list = accepted_h.tolist()
+        token_level_list = outcome.token_level.tolist()
+        truncated_list, judged_list = rows.truncated.tolist(), rows.judged.tolist()
+        cut_list = [int(v) for v in host[1]]
+        l_list, g_list, s_list = host[2:]
 
         # One call of vLLM's sampler for the whole batch, as vLLM's SD makes: accepted steps
         # forced up to their cut (so kept whole, then their tail or the bonus token judged
@@ -358,13 +384,17 @@ class SpecGuardRejectionSampler(RejectionSampler):
             token_rows = self._token_level_rows(
                 metadata, draft_probs, logits, sampling_metadata, num_drafts,
                 torch.where(accepted, cut, torch.zeros_like(cut)),
-                sum(c for c, a in zip(cut_list, accepted_list) if a))
+                int(host_t[1].numpy()[accepted_h].sum()))
         else:  # spec-decode metadata without drafts: the bonus token of every row
             token_rows = self.sampler(
                 logits=logits[metadata.bonus_logits_indices],
                 sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
                 predict_bonus_token=True).sampled_token_ids
-        out = self._assemble(metadata, token_rows, rejected if any(rejected_list) else None)
+        rejected = None
+        if outcome.rejected.any():  # regenerated by the target: judged, not accepted, and
+            # not finished token-level (fallback "target")
+            rejected = rows_to_device([outcome.rejected.tolist()], torch.bool, device)[0]
+        out = self._assemble(metadata, token_rows, rejected)
 
         logprobs_tensors = None
         if sampling_metadata.max_num_logprobs is not None:
@@ -383,10 +413,10 @@ class SpecGuardRejectionSampler(RejectionSampler):
             self._log_decisions(req_ids, decisions, metadata.draft_token_ids.tolist(), n_list, step_lens, cut_list,
                                 token_level_list, proposed, truncated_list, out)
         if self.metrics is not None:
-            judged_rows = host_t[4] != 0.0
+            judged_rows = torch.from_numpy(rows.judged)
             self.metrics.observe_verification(
-                host_t[6][judged_rows], None if skipped else host_t[7][judged_rows],
-                host_t[8][judged_rows], host_t[0][judged_rows], time.perf_counter() - started)
+                host_t[2][judged_rows], None if skipped else host_t[3][judged_rows],
+                host_t[4][judged_rows], host_t[0][judged_rows], time.perf_counter() - started)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
     def _log_decisions(self, req_ids, decisions, draft_lists, n_list, step_lens, cut, token_level,
