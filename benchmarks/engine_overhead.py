@@ -23,11 +23,12 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_process import WorkerProcess  # beside this script (sys.path[0])
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("draft_forward", "draft", "select", "capture", "verify", "bookkeeping")
@@ -172,44 +173,6 @@ def run_worker(spec: dict) -> None:
     shutdown_llm(llm)
 
 
-class Worker:
-    """One configuration's engine in its own process, alive for the whole run."""
-
-    def __init__(self, spec: dict, log_dir: Path):
-        self.name = spec["name"]
-        self.log = open(log_dir / f"engine_overhead.{self.name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, cwd=REPO)
-
-    def _line(self) -> str:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait()
-                tail = Path(self.log.name).read_text(errors="replace")[-4000:]
-                raise SystemExit(f"{self.name} worker exited with {self.proc.returncode}:\n{tail}")
-            if line.startswith("READY") or line.startswith("{"):
-                return line
-
-    def wait_ready(self) -> None:
-        self._line()
-
-    def run(self, batch: int) -> dict:
-        self.proc.stdin.write(json.dumps({"batch": batch}) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self._line())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
 def summarise(name: str, batch: int, runs: list[dict]) -> dict:
     """A row from a configuration's timed runs at one batch size: medians over all their
     steady-state steps."""
@@ -290,9 +253,9 @@ def main(argv=None) -> int:
     try:
         for spec in specs:  # both alive at once; their start-ups overlap
             spec.update(target=args.target, max_batch=max(batches), max_tokens=args.max_tokens)
-            workers.append(Worker(spec, logs))
+            workers.append(WorkerProcess(__file__, spec["name"], spec, logs, REPO))
         for worker in workers:
-            worker.wait_ready()
+            worker.line()  # READY
         # Round 0 warms every batch size untimed (a first pass at a new batch size is slow);
         # then the timed rounds alternate the configurations, their order rotating.
         runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
@@ -300,7 +263,7 @@ def main(argv=None) -> int:
             for batch in batches:
                 shift = round_index % len(workers)
                 for worker in workers[shift:] + workers[:shift]:
-                    result = worker.run(batch)
+                    result = worker.request(json.dumps({"batch": batch}))
                     if round_index > 0:
                         runs[(worker.name, batch)].append(result)
                         steps = [s["total"] for s in result["steps"]]

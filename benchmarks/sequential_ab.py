@@ -20,11 +20,12 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_process import WorkerProcess  # beside this script (sys.path[0])
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("sd", "specguard", "target")
@@ -76,40 +77,6 @@ def run_worker(spec: dict) -> None:
         tokens = list(output[0].outputs[0].token_ids)
         print(json.dumps({"wall": time.perf_counter() - started, "tokens": tokens}), flush=True)
     shutdown_llm(llm)
-
-
-class Worker:
-    def __init__(self, spec: dict, log_dir: Path):
-        self.spec = spec
-        self.log = open(log_dir / f"sequential_ab.{spec['name']}.log", "wb")
-        env = dict(os.environ, PYTHONPATH=spec["root"] + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, cwd=spec["root"], env=env)
-
-    def line(self) -> str:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait()
-                tail = Path(self.log.name).read_text(errors="replace")[-4000:]
-                raise SystemExit(f"{self.spec['name']} exited with {self.proc.returncode}:\n{tail}")
-            if line.startswith(("READY", "{")):
-                return line
-
-    def run(self, index: int) -> dict:
-        self.proc.stdin.write(f"{index}\n")
-        self.proc.stdin.flush()
-        return json.loads(self.line())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def summarise(specs: list[dict], results: dict[str, list[dict]]) -> list[dict]:
@@ -164,13 +131,15 @@ def main(argv=None) -> int:
     try:
         for spec in specs:
             spec.update(n=args.n, max_tokens=args.max_tokens, warmup=min(args.warmup, args.n))
-            workers.append(Worker(spec, logs))
-        for worker in workers:  # READY <the checkout whose specguard_vllm it imported>
-            worker.spec["code"] = worker.line().split(" ", 1)[1].strip()
+            env = dict(os.environ, PYTHONPATH=spec["root"] + os.pathsep
+                       + os.environ.get("PYTHONPATH", ""))
+            workers.append(WorkerProcess(__file__, spec["name"], spec, logs, spec["root"], env))
+        for spec, worker in zip(specs, workers):  # READY <the checkout it imported from>
+            spec["code"] = worker.line().split(" ", 1)[1].strip()
         for index in range(args.n):
             shift = index % len(workers)
             for worker in workers[shift:] + workers[:shift]:
-                results[worker.spec["name"]].append(worker.run(index))
+                results[worker.name].append(worker.request(str(index)))
     finally:
         for worker in workers:
             worker.close()
