@@ -114,10 +114,11 @@ class StepEndPoll:
         readable now (host), None while there are none yet."""
         if not self.lagged:
             open_rows = live.open_host()
-            pending = np.bincount(live.req_host, weights=open_rows & live.waits_host,
-                                  minlength=self.num_reqs)
+            open_per_request = np.bincount(live.req_host, weights=open_rows,
+                                           minlength=self.num_reqs)
             self.all_open = bool(open_rows.all())
-            return pending == 0
+            # A request waits for its rows' step ends, or (no draft needed) for none.
+            return (open_per_request == 0) | ~live.request_waits
         done = live.requests_done(self.num_reqs)
         buffer, event = self._slots[self._posted % 2]
         buffer.copy_(done, non_blocking=True)
@@ -632,7 +633,6 @@ class _LiveRows:
     open: torch.Tensor  # [Ra] bool: its step has not ended yet
     open_pushes: torch.Tensor  # [Ra] int64: tokens pushed that left its step open
     waits: torch.Tensor  # [Ra] bool: its request waits for this row's step to end
-    waits_host: np.ndarray  # [Ra] bool: the same, on the host
     request_waits: np.ndarray  # [B] bool, host: per request (see CandidateRows)
     dropped_ends: torch.Tensor  # [R] int64: step ends of every candidate row, as last flushed
     # Drafted columns not yet written to the call's outputs: (position, tokens, log-probs).
@@ -646,7 +646,7 @@ class _LiveRows:
                    streams=cand.streams, greedy=cand.greedy, positions=positions,
                    states=cand.open_states, open=torch.ones_like(cand.waits),
                    open_pushes=torch.zeros_like(cand.open_states), waits=cand.waits,
-                   waits_host=cand.request_waits[req_host], request_waits=cand.request_waits,
+                   request_waits=cand.request_waits,
                    dropped_ends=torch.zeros_like(cand.open_states))
 
     def push(self, tokens: torch.Tensor) -> None:
@@ -737,5 +737,4 @@ class _LiveRows:
             greedy=None if self.greedy is None else self.greedy[local],
             positions=self.positions[local], states=self.states[local], open=self.open[local],
             open_pushes=self.open_pushes[local], waits=self.waits[local],
-            waits_host=self.request_waits[req_host],
             dropped_ends=self.full_ends(), pending=[], _open_view=None)

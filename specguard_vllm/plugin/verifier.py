@@ -94,11 +94,11 @@ class _RowFacts:
         self.has_step = n > 0
         self.speculative = np.asarray(speculative, dtype=bool)
         # A row finishing a rejected step token-level (or one whose step has no drafts in it).
-        finishing = np.asarray(in_token_mode, dtype=bool) | (
+        self.finishing = np.asarray(in_token_mode, dtype=bool) | (
             self.has_step & (np.asarray(step_lens, dtype=np.int64) == 0))
-        self.finishing = finishing
-        self.truncated = self.has_step & ~finishing & (np.asarray(proposed, dtype=np.int64) > n)
-        self.judged = self.has_step & ~finishing & ~self.truncated
+        self.truncated = (self.has_step & ~self.finishing
+                          & (np.asarray(proposed, dtype=np.int64) > n))
+        self.judged = self.has_step & ~self.finishing & ~self.truncated
 
     def outcome(self, accepted: np.ndarray) -> _Outcome:
         """``accepted``: the decisions (host bool, False where not judged)."""
@@ -366,13 +366,13 @@ class SpecGuardRejectionSampler(RejectionSampler):
         host_t = copy_to_host(torch.stack([v.to(torch.float64) for v in (
             accepted, cut, l_min, g_min, score)]), "verify_results")
         accepted_h = host_t[0].numpy() != 0.0
+        cuts_h = host_t[1].numpy().astype(np.int64)
         outcome = rows.outcome(accepted_h)
-        host = host_t.tolist()
         accepted_list = accepted_h.tolist()
         token_level_list = outcome.token_level.tolist()
         truncated_list, judged_list = rows.truncated.tolist(), rows.judged.tolist()
-        cut_list = [int(v) for v in host[1]]
-        l_list, g_list, s_list = host[2:]
+        cut_list = cuts_h.tolist()
+        l_list, g_list, s_list = host_t[2:].tolist()
 
         # One call of vLLM's sampler for the whole batch, as vLLM's SD makes: accepted steps
         # forced up to their cut (so kept whole, then their tail or the bonus token judged
@@ -384,7 +384,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
             token_rows = self._token_level_rows(
                 metadata, draft_probs, logits, sampling_metadata, num_drafts,
                 torch.where(accepted, cut, torch.zeros_like(cut)),
-                int(host_t[1].numpy()[accepted_h].sum()))
+                int(cuts_h[accepted_h].sum()))
         else:  # spec-decode metadata without drafts: the bonus token of every row
             token_rows = self.sampler(
                 logits=logits[metadata.bonus_logits_indices],
