@@ -7,7 +7,8 @@
   draft position in one pass over the vocabulary, then the per-step minimum.
 * ``draft_sampling`` / ``draft_sampling_ref``: one draft position of the proposer: per row a
   token at the draft temperature drawn by its keyed uniform (inverse CDF) or the argmax
-  for greedy rows, and its temperature-1 log-prob, in one launch.
+  for greedy rows, and its temperature-1 log-prob, in one launch (``draft_greedy``: a
+  position where every row is a greedy tail, through the same kernel branch).
 * ``kv_layout``: the K-cache readers of vLLM 0.32's attention backends.
 * ``dispatch``: what the plugin calls; Triton on CUDA, the reference elsewhere.
 
@@ -17,11 +18,12 @@ install never needs a working Triton.
 
 from .dispatch import (
     GroundingWorkspace,
+    draft_greedy,
     draft_sample,
     k_cache_view,
     step_grounding_stats,
     step_min_logprob,
 )
 
-__all__ = ["GroundingWorkspace", "draft_sample", "k_cache_view", "step_grounding_stats",
+__all__ = ["GroundingWorkspace", "draft_greedy", "draft_sample", "k_cache_view", "step_grounding_stats",
            "step_min_logprob"]

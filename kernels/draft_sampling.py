@@ -97,3 +97,12 @@ def draft_sample_triton(logits: torch.Tensor, uniforms: torch.Tensor,
             tokens, logprobs, vocab, logits.stride(0), 1.0 / temperature,
             HAS_GREEDY=greedy is not None, BLOCK_V=block_v, num_warps=4)
     return tokens, logprobs
+
+
+def draft_greedy_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draft_sampling_ref.draft_greedy_ref`` in the sampling kernel's greedy branch, so a
+    tail's log-prob is the same bits as at a position where other rows were sampled."""
+    rows = logits.shape[0]
+    return draft_sample_triton(
+        logits, torch.ones(rows, dtype=torch.float32, device=logits.device),
+        torch.ones(rows, dtype=torch.bool, device=logits.device), temperature=1.0)

@@ -49,3 +49,14 @@ def draft_sample_ref(logits: torch.Tensor, uniforms: torch.Tensor, greedy: torch
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     return tokens, logprobs
+
+
+def draft_greedy_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, logprobs)`` of an all-greedy position (every row a tail): what
+    :func:`draft_sample_ref` returns for rows set in ``greedy``, by the same ops, so a
+    tail's log-prob does not depend on whether other rows were still sampling."""
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return tokens, logprobs

@@ -76,7 +76,16 @@ class SpecGuardParams(BaseModel):
                     "speculative: docs/RESULTS.md measures both",
     )
 
-    @field_validator("draft_temperature", "tau", "beta", "attention_sparsity", "lpbv_floor")
+    tail_min_prob: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="with fallback speculative: a tail (the greedy draft past the step's end) "
+                    "stops after its first token the draft gives a probability below this "
+                    "(that token kept), as Hugging Face's assistant_confidence_threshold "
+                    "does; 0 drafts every tail to num_speculative_tokens, as vLLM's SD does",
+    )
+
+    @field_validator("draft_temperature", "tau", "beta", "attention_sparsity", "lpbv_floor",
+                     "tail_min_prob")
     @classmethod
     def _no_nan(cls, value: float, info: Any) -> float:
         return _finite(info.field_name, value)

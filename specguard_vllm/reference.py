@@ -11,6 +11,7 @@ score the step, accept it or recover from it). All SpecGuard math comes from
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -269,10 +270,12 @@ class ReferenceDecoder:
 
         A candidate stops at its step's end, or with ``fallback: speculative`` runs on past it
         to ``max_len`` tokens, greedily, as the engine drafts (section 4: only the step's
-        tokens are sampled at draft_temperature); an EOS stops it either way.
+        tokens are sampled at draft_temperature), its tail ending after the first token the
+        draft gives a probability below ``tail_min_prob``; an EOS stops it either way.
         """
         k, temperature = params.num_candidates, params.draft_temperature
         full_rows = params.fallback == "speculative"
+        stop_below = math.log(params.tail_min_prob) if params.tail_min_prob > 0.0 else -math.inf
         logits = self._draft_catch_up(req).logits[0, -1:].float().expand(k, -1)
         cache = copy.deepcopy(req.draft_cache)  # the candidates' keys never enter the draft cache
         if k > 1:
@@ -291,12 +294,15 @@ class ReferenceDecoder:
                     continue
                 token = int(tokens[c])
                 rows[c].append(token)
-                if step_lens[c] is None:
+                in_tail = step_lens[c] is not None
+                if not in_tail:
                     loglik[c] += float(logprobs[c, token])
                     if self.segmenter.step_length(rows[c], prefix=req.step.tokens) is not None:
                         step_lens[c] = len(rows[c])
                 if token in self.eos_token_ids or (step_lens[c] is not None and not full_rows):
                     done[c] = True
+                if in_tail and float(logprobs[c, token]) < stop_below:
+                    done[c] = True  # an unsure tail token: kept, and the tail ends there
             if all(done) or position == max_len - 1:
                 break
             out = self._forward(self.draft, tokens.view(k, 1), cache)

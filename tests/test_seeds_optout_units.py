@@ -42,11 +42,12 @@ def segmenter() -> StepSegmenter:
 
 
 def proposer(requests=None, *, k=4, temperature=0.7, config_seed=0, engine_seed=0,
-             block_size=4, scratch_base=100, scratch_per_row=2, layers=()):
+             block_size=4, scratch_base=100, scratch_per_row=2, layers=(), tail_min_prob=0.0):
     """A SpecGuardDraftProposer with only what the candidate code reads."""
     p = SpecGuardDraftProposer.__new__(SpecGuardDraftProposer)
     p.specguard = SimpleNamespace(specguard=SpecGuardParams(
-        num_candidates=k, draft_temperature=temperature, seed=config_seed))
+        num_candidates=k, draft_temperature=temperature, seed=config_seed,
+        tail_min_prob=tail_min_prob))
     p.vllm_config = SimpleNamespace(model_config=SimpleNamespace(seed=engine_seed),
                                     scheduler_config=SimpleNamespace(max_num_seqs=4))
     p._tail_staging = {}
@@ -317,6 +318,66 @@ def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
     assert StepEndPoll(torch.device("cpu"), 1).post(live).tolist() == [True]
     opened = [DraftRowHint(open_state=p.segmenter.state_after([0]))]
     assert p._candidate_rows(opened, ["a"], 2, torch.device("cpu")).open_states.tolist() == [0, 0]
+
+
+# ------------------------------------------------------------------ tails stopped early
+def kept_by_rule(step_end: int | None, logprobs: list[float], threshold: float) -> int:
+    """The rule, written out: every step token is kept; the tail past ``step_end`` up to
+    and including its first token of probability below ``threshold``."""
+    if step_end is None or threshold == 0.0:
+        return len(logprobs)
+    for i in range(step_end, len(logprobs)):
+        if logprobs[i] < np.log(threshold):
+            return i + 1
+    return len(logprobs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_a_tail_stops_after_its_first_unsure_token_and_narrowing_keeps_the_counts(data):
+    """_LiveRows' three in-place ops per position give the rule above for every row (step
+    tokens never stop a row, an opted-out row is never stopped), also across a narrowing
+    and when the last positions are known on the host to be all tails."""
+    from specguard_vllm.plugin.proposer import TailPoll, _LiveRows
+
+    threshold = data.draw(st.sampled_from([0.3, 0.5, 0.7, 1.0]))
+    width = data.draw(st.integers(2, 7))
+    p = proposer(k=2, tail_min_prob=threshold)
+    hints = [DraftRowHint(), DraftRowHint(opted_out=True), DraftRowHint()]
+    cand = p._candidate_rows(hints, ["a", "b", "c"], 2, torch.device("cpu"))
+    assert cand.tail_stop_below.tolist()[2] == -np.inf  # the opted-out row
+    rows = cand.rows
+    step_ends = [data.draw(st.one_of(st.none(), st.integers(1, width))) for _ in range(rows)]
+    logprobs = [[data.draw(st.sampled_from([-0.05, -0.4, -0.9, -2.0])) for _ in range(width)]
+                for _ in range(rows)]
+    # Token 2 ("\n") ends a step: each row drafts it at its step end, "a" elsewhere.
+    tokens = [[2 if end == pos + 1 else 0 for pos in range(width)] for end in step_ends]
+    narrow_at = data.draw(st.integers(1, width))
+    live = _LiveRows.start(p.segmenter, cand, torch.zeros(rows, dtype=torch.int64),
+                           cand.req_of_row.numpy())
+    keep = torch.tensor([0, 2, 3, 4])  # drops row 1 (its count frozen at narrow_at)
+    for pos in range(width):
+        if pos == narrow_at:
+            live = live.narrowed(keep, cand.req_of_row.numpy()[keep.numpy()])
+        ids = live.row_ids().tolist()
+        column = torch.tensor([logprobs[r][pos] for r in ids], dtype=torch.float32)
+        tails_only = all(step_ends[r] is not None and step_ends[r] <= pos for r in ids)
+        live.keep_or_stop(column, all_tails=tails_only and data.draw(st.booleans()))
+        live.push(torch.tensor([tokens[r][pos] for r in ids]))
+    expected = [kept_by_rule(None if r == 2 else step_ends[r], logprobs[r], threshold)
+                for r in range(rows)]  # row 2 is the opted-out request's
+    expected[1] = kept_by_rule(step_ends[1], logprobs[1][:narrow_at], threshold)
+    assert live.full_kept().tolist() == expected
+    going = TailPoll(torch.device("cpu")).any_going(live)
+    assert going == any(expected[r] == width and kept_by_rule(
+        None if r == 2 else step_ends[r], logprobs[r] + [-9.0], threshold) > width
+        for r in live.row_ids().tolist())
+
+
+def test_without_tail_min_prob_nothing_is_tracked():
+    p = proposer(k=2)
+    cand = p._candidate_rows([DraftRowHint()], ["a"], 2, torch.device("cpu"))
+    assert cand.tail_stop_below is None
 
 
 # ------------------------------------------------------------------ the opt-out

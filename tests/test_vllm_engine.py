@@ -277,3 +277,26 @@ def test_speculative_fallback_steps_agree_with_reference(tiny_pair, tmp_path):
     for e, r in zip(engine, reference):
         assert e["text"] == r["text"], e["prompt"]
         assert_same_steps(e["steps"], r["steps"])
+
+
+def test_tails_stopped_by_tail_min_prob_agree_with_reference_and_draft_less(tiny_pair, tmp_path):
+    """tail_min_prob: a tail ends after its first unsure token, in the engine exactly as in
+    the reference decoder (same text, steps and token-level records), and the reference
+    drafts fewer tokens than with every tail run to K."""
+    texts = prompts(10, seed=23)
+    tau = median_step_score(tiny_pair["target"], tiny_pair["draft"], texts, tmp_path)
+    common = dict(num_candidates=1, draft_temperature=0.0, tau=tau, fallback="speculative")
+    config = write_config(tmp_path / "tails.json", tiny_pair["draft"], tail_min_prob=0.6, **common)
+    engine = trace(tiny_pair["target"], config, texts, tmp_path)
+    reference, decoder = reference_traces(tiny_pair["target"], config, texts)
+    for e, r in zip(engine, reference, strict=True):
+        assert e["text"] == r["text"], e["prompt"]
+        assert_same_steps(e["steps"], r["steps"])
+    full = write_config(tmp_path / "full.json", tiny_pair["draft"], **common)
+    _, full_decoder = reference_traces(tiny_pair["target"], full, texts[:1])
+
+    def drafted_per_token(dec) -> float:
+        results = [dec.generate(dec.tokenizer(t)["input_ids"], max_tokens=40) for t in texts]
+        return sum(r.draft_forwards for r in results) / sum(len(r.token_ids) for r in results)
+
+    assert drafted_per_token(decoder) < drafted_per_token(full_decoder)

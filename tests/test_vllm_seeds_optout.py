@@ -53,7 +53,9 @@ def runs(tiny_pair, tmp_path_factory):
     config = tmp / "specguard.json"
     config.write_text(json.dumps({
         "method": "specguard", "model": str(tiny_pair["draft"]), "num_speculative_tokens": K,
-        "specguard": {"seed": 0, "num_candidates": 4, "draft_temperature": 0.7, "tau": 0.5}}))
+        "specguard": {"seed": 0, "num_candidates": 4, "draft_temperature": 0.7, "tau": 0.5,
+                      # tails stopped by the draft's own confidence, whatever the batch
+                      "tail_min_prob": 0.6}}))
 
     def seeded(i: int) -> dict:
         return {"text": SEEDED[i], "params": {**GREEDY, "seed": 11 + i}}

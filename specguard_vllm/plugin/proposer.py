@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.kernels.dispatch import draft_sample
+from specguard_vllm.kernels.dispatch import draft_greedy, draft_sample
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
 from specguard_vllm.plugin.keyed_sampling import row_stream, uniforms_at
@@ -82,6 +83,9 @@ class CandidateRows:
     open_states: torch.Tensor  # [R] int64: the segmenter state of the request's open step
     waits: torch.Tensor  # [R] bool: drafting goes on until this row's step has ended
     request_waits: np.ndarray  # [B] bool, host: the same per request
+    # [R] float32: a tail token whose draft log-prob is below this ends the row's draft
+    # (log tail_min_prob; -inf for rows drafted as vLLM's SD). None: tails never stop.
+    tail_stop_below: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -132,6 +136,34 @@ class StepEndPoll:
         return previous.numpy().copy()
 
 
+class TailPoll:
+    """Whether any live row's tail still drafts, read without stalling the device: elsewhere
+    than CUDA through a NumPy view of the rows' flags; on CUDA the previous position's flag
+    from pinned memory (StepEndPoll's scheme), so the loop ends at most one forward late.
+    How long each row's draft is does not depend on when the loop ends (_LiveRows.kept)."""
+
+    def __init__(self, device: torch.device):
+        self.lagged = device.type == "cuda"
+        self._posted = 0
+        if self.lagged:
+            self._slots = [(torch.ones(1, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
+                           for _ in range(2)]
+
+    def any_going(self, live: _LiveRows) -> bool:
+        if not self.lagged:
+            return bool(live.tail_open_host().any())
+        buffer, event = self._slots[self._posted % 2]
+        buffer.copy_(live.tail_open.any().view(1), non_blocking=True)
+        event.record()
+        self._posted += 1
+        if self._posted < 2:
+            return True
+        previous, previous_event = self._slots[self._posted % 2]
+        with waits_for_device("tail_poll", live.tail_open.device):
+            previous_event.synchronize()
+        return bool(previous[0])
+
+
 def scratch_blocks_per_row(block_size: int, max_step: int) -> int:
     """Scratch blocks one extra candidate needs: those positions p..p+K-1 can touch, plus one."""
     return -(-(block_size - 1 + max_step) // block_size) + 1
@@ -165,6 +197,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
         # [B] on the device after each propose: where the chosen row's step ends (its
         # length up to and including the delimiter; 0: no step end within the row).
         self.chosen_step_ends: torch.Tensor | None = None
+        # [B] on the device after each propose with tail_min_prob > 0: how many of the chosen
+        # row's tokens to propose (its tail stopped there); None: the whole row.
+        self.chosen_draft_lens: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ sampling
     def _request_key(self, req_id: str) -> int:
@@ -220,6 +255,12 @@ class SpecGuardDraftProposer(DraftModelProposer):
         counts_t, greedy_t, states_t, waits_t = rows_to_device(
             [counts, greedy, [hint.open_state for hint in hints], waits], torch.int64,
             device).unbind(0)
+        tail_min_prob = self.specguard.specguard.tail_min_prob
+        stop_below = None
+        if tail_min_prob > 0.0:
+            # A request drafted as vLLM's SD (SpecGuard off) keeps SD's tails: never stopped.
+            stop_below = torch.where(greedy_t.bool(), -math.inf, math.log(tail_min_prob)) \
+                .to(torch.float32)
         streams = rows_to_device([[s for r, n in zip(req_ids, counts)
                                    for s in self._streams(r, k)[:n]]], torch.int64, device)[0]
         starts = [0] * len(counts)
@@ -234,7 +275,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
             req_of_row=req_of_row, cand_of_row=cand_of_row, streams=streams,
             greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
             open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
-            request_waits=np.asarray(waits, dtype=bool))
+            request_waits=np.asarray(waits, dtype=bool),
+            tail_stop_below=None if stop_below is None else stop_below[req_of_row])
 
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,
                 positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
@@ -396,6 +438,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
         started = time.perf_counter()
         self.chosen_step_ends = None  # set again by _select; none for a K = 0 call
+        self.chosen_draft_lens = None
         K = num_speculative_tokens
         k = self.specguard.specguard.num_candidates
         self.num_speculative_tokens = K
@@ -444,9 +487,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
                                  uniforms=live.column(uniforms, 0))
         live.write(0, token, lp)
         length = 1
+        live.keep_or_stop(lp)
         live.push(token)
         drafted_rows = cand.rows  # row-positions sampled, the first pass's included (metrics)
         poll = StepEndPoll(hidden.device, num_reqs)
+        tails = TailPoll(hidden.device) if cand.tail_stop_below is not None else None
 
         if K > 1:
             self.ensure_scratch(k, K)
@@ -480,6 +525,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 if not compaction.all_tails:
                     done = poll.post(live)
                     narrowing = None if done is None else compaction.plan(done)
+                elif tails is not None and not tails.any_going(live):
+                    break  # every row left is a tail, and each has stopped (tail_min_prob)
                 if narrowing is not None:
                     live.flush(tokens_out, logprobs_out)
                     local = self._settle(narrowing, compaction, live, kept, cand,
@@ -512,12 +559,17 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 # so an all-tails position costs what one of vLLM's own SD does.
                 logits = self._draft_logits(hidden[:rows])
                 if compaction.all_tails:
-                    token = logits.argmax(dim=-1)
+                    if tails is None:
+                        token = logits.argmax(dim=-1)
+                    else:
+                        token, lp = draft_greedy(logits)
+                        live.keep_or_stop(lp, all_tails=True)
                     live.write(step, token, None)
                 else:
                     token, lp = self._sample(logits, live, uniforms=live.column(uniforms, step),
                                              greedy=live.past_step(poll.all_open))
                     live.write(step, token, lp)
+                    live.keep_or_stop(lp)
                     live.push(token)
                 length = step + 1
                 drafted_rows += rows
@@ -527,6 +579,8 @@ class SpecGuardDraftProposer(DraftModelProposer):
         self._choose_into(kept, compaction.unchosen(), tokens_out[:, :length],
                           logprobs_out[:, :length], step_ends, cand)
         chosen = self._chosen_rows(tokens_out[:, :length], step_ends, kept)
+        self.chosen_draft_lens = None if cand.tail_stop_below is None \
+            else live.full_kept().index_select(0, kept)
         if self.metrics is not None:
             # The first pass plus one batched pass per further position drafted.
             self.metrics.observe_draft(time.perf_counter() - started, forward_passes=length,
@@ -635,19 +689,59 @@ class _LiveRows:
     waits: torch.Tensor  # [Ra] bool: its request waits for this row's step to end
     request_waits: np.ndarray  # [B] bool, host: per request (see CandidateRows)
     dropped_ends: torch.Tensor  # [R] int64: step ends of every candidate row, as last flushed
+    # With tail_min_prob (else None): the row's draft still grows (its tail has not stopped),
+    # how many of its tokens are kept, the log-prob a tail token must reach to go on, and
+    # the kept counts of every candidate row as last narrowed.
+    tail_open: torch.Tensor | None = None  # [Ra] bool
+    kept: torch.Tensor | None = None  # [Ra] int64
+    stop_below: torch.Tensor | None = None  # [Ra] float32
+    dropped_kept: torch.Tensor | None = None  # [R] int64
     # Drafted columns not yet written to the call's outputs: (position, tokens, log-probs).
     pending: list = dataclasses.field(default_factory=list)
     _open_view: np.ndarray | None = None  # ``open`` as NumPy (CPU only), made once per row set
+    _tail_view: np.ndarray | None = None  # ``tail_open`` likewise
 
     @classmethod
     def start(cls, segmenter, cand: CandidateRows, positions: torch.Tensor,
               req_host: np.ndarray) -> _LiveRows:
+        stops = cand.tail_stop_below is not None
         return cls(segmenter=segmenter, rows=None, req=cand.req_of_row, req_host=req_host,
                    streams=cand.streams, greedy=cand.greedy, positions=positions,
                    states=cand.open_states, open=torch.ones_like(cand.waits),
                    open_pushes=torch.zeros_like(cand.open_states), waits=cand.waits,
                    request_waits=cand.request_waits,
-                   dropped_ends=torch.zeros_like(cand.open_states))
+                   dropped_ends=torch.zeros_like(cand.open_states),
+                   tail_open=torch.ones_like(cand.waits) if stops else None,
+                   kept=torch.zeros_like(cand.open_states) if stops else None,
+                   stop_below=cand.tail_stop_below,
+                   dropped_kept=torch.zeros_like(cand.open_states) if stops else None)
+
+    def keep_or_stop(self, logprobs: torch.Tensor, all_tails: bool = False) -> None:
+        """Count this position's tokens into the drafts whose tail still goes on, then stop
+        the tails whose token the draft gave a log-prob below ``stop_below`` (that token is
+        kept: Hugging Face's assistant_confidence_threshold rule). A step token never stops
+        a row. Call before :meth:`push` (``open`` still says whether the token is in the
+        step); ``all_tails``: known on the host that every live row is past its step.
+        Three in-place ops; a row's draft length depends only on its own log-probs."""
+        if self.tail_open is None:
+            return
+        self.kept += self.tail_open
+        confident = torch.ge(logprobs, self.stop_below)
+        if not all_tails:
+            confident |= self.open
+        self.tail_open &= confident  # in place: see tail_open_host
+
+    def tail_open_host(self) -> np.ndarray:
+        """``tail_open`` on the host (CPU tensor): a NumPy view made once per row set."""
+        if self._tail_view is None:
+            self._tail_view = self.tail_open.numpy()
+        return self._tail_view
+
+    def full_kept(self) -> torch.Tensor:
+        """``[R]``: how many tokens of every candidate row of the call are kept."""
+        if self.rows is None:
+            return self.kept
+        return self.dropped_kept.index_copy(0, self.rows, self.kept)
 
     def push(self, tokens: torch.Tensor) -> None:
         """Advance each row's step automaton by its token drafted at the next position.
@@ -737,4 +831,7 @@ class _LiveRows:
             greedy=None if self.greedy is None else self.greedy[local],
             positions=self.positions[local], states=self.states[local], open=self.open[local],
             open_pushes=self.open_pushes[local], waits=self.waits[local],
-            dropped_ends=self.full_ends(), pending=[], _open_view=None)
+            dropped_ends=self.full_ends(), pending=[], _open_view=None, _tail_view=None,
+            **({} if self.tail_open is None else dict(
+                tail_open=self.tail_open[local], kept=self.kept[local],
+                stop_below=self.stop_below[local], dropped_kept=self.full_kept())))

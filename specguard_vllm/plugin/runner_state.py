@@ -236,13 +236,19 @@ class SpecGuardRunnerState:
         if step_ends is None or step_ends.shape[0] != num_reqs:
             step_ends = self.segmenter.step_lengths(drafts, rows_to_device(
                 [[self.steps.get(r).open_state for r in req_ids]], torch.int64, drafts.device)[0])
+        # A tail stopped by tail_min_prob: the row's length (the whole row otherwise).
+        draft_lens = self.runner.drafter.chosen_draft_lens
+        if draft_lens is None or draft_lens.shape[0] != num_reqs:
+            draft_lens = drafts.new_full((num_reqs,), drafts.shape[1])
         # vLLM's own SD reads its drafts to the host here too; the step ends ride along.
         host = read_to_host(torch.cat([drafts.to(torch.int64), step_ends.to(torch.int64).unsqueeze(1),
-                                       self._first_eos_ends(drafts).unsqueeze(1)], dim=1),
+                                       self._first_eos_ends(drafts).unsqueeze(1),
+                                       draft_lens.to(torch.int64).unsqueeze(1)], dim=1),
                             "drafted_rows")
         rows = []
         for req_id, row in zip(req_ids, host):
-            *draft, step_end, eos_end = row
+            *draft, step_end, eos_end, draft_len = row
+            del draft[draft_len:]
             truncated = self.steps.truncate_draft(
                 req_id, draft, keep_tail=self._drafts_past_step(req_id),
                 step_end=step_end or None, eos_end=eos_end or None)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from specguard_vllm.kernels.draft_sampling import draft_sample_triton
-from specguard_vllm.kernels.draft_sampling_ref import draft_sample_ref
+from specguard_vllm.kernels.draft_sampling import draft_greedy_triton, draft_sample_triton
+from specguard_vllm.kernels.draft_sampling_ref import draft_greedy_ref, draft_sample_ref
 
 
 def tempered_intervals(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
@@ -101,3 +101,30 @@ def test_strided_uniforms_and_flags_are_read_per_row(device):
                                temperature=0.7, block_v=16)
     ref = draft_sample_ref(logits.cpu(), draws[:, 3].cpu(), flags[:, 1].cpu(), temperature=0.7)
     assert torch.equal(got[0], want[0]) and torch.equal(got[0].cpu(), ref[0])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.integers(1, 5), vocab=st.sampled_from([1, 9, 300, 2049]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_all_greedy_position_gives_the_greedy_rows_bits(device, rows, vocab, dtype, seed):
+    """A tail's log-prob at an all-tails position (draft_greedy) is the very value a greedy
+    row gets where other rows are sampled (draft_sample), in the reference and the kernel:
+    the tail stop (tail_min_prob) must not depend on what else is in the batch."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    mixed_greedy = torch.ones(rows, dtype=torch.bool)
+    mixed_greedy[0] = rows == 1  # row 0 sampled beside the others, unless it is alone
+    u = torch.rand(rows, generator=gen).clamp(min=1e-6)
+    ref_mixed = draft_sample_ref(logits, u, mixed_greedy, temperature=0.7)
+    ref_tokens, ref_logprobs = draft_greedy_ref(logits)
+    assert torch.equal(ref_tokens, logits.float().argmax(dim=-1))
+    assert torch.equal(ref_tokens[mixed_greedy], ref_mixed[0][mixed_greedy])
+    assert torch.equal(ref_logprobs[mixed_greedy], ref_mixed[1][mixed_greedy])
+    tokens, logprobs = draft_greedy_triton(logits.to(device))
+    mixed = draft_sample_triton(logits.to(device), u.to(device), mixed_greedy.to(device),
+                                temperature=0.7)
+    assert torch.equal(tokens.cpu(), ref_tokens)
+    assert torch.equal(tokens.cpu()[mixed_greedy], mixed[0].cpu()[mixed_greedy])
+    assert torch.equal(logprobs.cpu()[mixed_greedy], mixed[1].cpu()[mixed_greedy])
+    assert torch.allclose(logprobs.cpu(), ref_logprobs, atol=1e-5)
