@@ -6,7 +6,8 @@ Here every engine lives in its own process for the whole run and the prompts are
 a time, rotating which engine goes first, so a slow minute of the machine hits every engine
 alike. An engine is ``NAME=ROOT:KIND``: the checkout whose code it runs (its own
 ``configs/specguard.yaml`` and models; another commit's checkout gives an A/B of two commits)
-and ``sd`` (vLLM's draft-model SD with that config's draft and K), ``specguard`` (that config)
+and ``sd`` (vLLM's draft-model SD with that config's draft and K; ``sd@4``: at K = 4, since
+SD's best K is often far below the longest step SpecGuard drafts), ``specguard`` (that config)
 or ``target`` (no speculation). Greedy, real EOS; each engine's texts are hashed, so the table
 also says which engines wrote the same tokens.
 
@@ -37,12 +38,16 @@ def parse_engine(text: str) -> dict:
     root, sep2, kind = rest.rpartition(":")
     if not sep or not sep2 or not name or not root:
         raise argparse.ArgumentTypeError(f"--engine {text!r}: expected NAME=ROOT:KIND")
+    kind, at, sd_k = kind.partition("@")
     if kind not in KINDS:
         raise argparse.ArgumentTypeError(f"--engine {text!r}: KIND must be one of {', '.join(KINDS)}")
+    if at and (kind != "sd" or not sd_k.isdigit() or int(sd_k) < 1):
+        raise argparse.ArgumentTypeError(f"--engine {text!r}: only sd takes @K, K >= 1 (sd@4)")
     path = (REPO / root).resolve() if not os.path.isabs(root) else Path(root)
     if not (path / "configs" / "specguard.yaml").is_file():
         raise argparse.ArgumentTypeError(f"--engine {text!r}: {path} has no configs/specguard.yaml")
-    return {"name": name, "root": str(path), "kind": kind}
+    return {"name": name, "root": str(path), "kind": kind,
+            "num_speculative_tokens": int(sd_k) if at else None}
 
 
 def run_worker(spec: dict) -> None:
@@ -59,7 +64,8 @@ def run_worker(spec: dict) -> None:
     config = load_config(root / "configs" / "specguard.yaml")
     speculative = {"specguard": config.model_dump(mode="json", exclude_none=True),
                    "sd": {"method": "draft_model", "model": config.model,
-                          "num_speculative_tokens": config.num_speculative_tokens},
+                          "num_speculative_tokens": spec.get("num_speculative_tokens")
+                          or config.num_speculative_tokens},
                    "target": None}[spec["kind"]]
     target = str(root / "models" / "tiny-target")
     tokenizer = AutoTokenizer.from_pretrained(target)
@@ -87,7 +93,8 @@ def summarise(specs: list[dict], results: dict[str, list[dict]]) -> list[dict]:
         wall = sum(r["wall"] for r in runs)
         digest = hashlib.md5(json.dumps([r["tokens"] for r in runs]).encode()).hexdigest()[:10]
         rows.append({"engine": spec["name"], "root": spec["root"], "code": spec["code"],
-                     "kind": spec["kind"],
+                     "kind": spec["kind"] if not spec.get("num_speculative_tokens")
+                     else f"sd@{spec['num_speculative_tokens']}",
                      "requests": len(runs), "tokens": tokens, "seconds": wall,
                      "tokens_per_s": tokens / wall if wall else float("nan"), "texts_md5": digest})
     base = next((r for r in rows if r["kind"] == "sd"), rows[0])

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -67,6 +68,26 @@ def test_quick_matrix_and_subset_and_unknown_name():
     assert {e.key for e in engines} == {"target", f"specguard-k{config.specguard.num_candidates}"}
     with pytest.raises(ValueError, match="nope"):
         build_matrix(config, only=["nope"])
+
+
+def test_sd_at_other_k_gets_its_own_engine_and_draft_count():
+    """--sd-k 3: vLLM's SD at K = 3 beside sd at the config's K, each its own engine, and
+    a round of it counts 3 draft passes, not num_speculative_tokens."""
+    from specguard_vllm.evaluation.bench import _problem_result
+    from specguard_vllm.evaluation.bench_configs import sd_num_spec
+
+    config = load_config(CONFIG)
+    engines, configs = build_matrix(config, only=["sd", "sd-k3"], sd_ks=[3])
+    specs = {e.key: e.speculative_config for e in engines}
+    assert specs["sd"]["num_speculative_tokens"] == config.num_speculative_tokens
+    assert specs["sd-k3"] == {**specs["sd"], "num_speculative_tokens": 3}
+    by_name = {c.name: c for c in configs}
+    assert sd_num_spec(by_name["sd-k3"], 16) == 3 and sd_num_spec(by_name["sd"], 16) == 16
+    answer = {"text": "", "token_ids": [1, 2], "latency_s": 1.0,
+              "engine": {"num_drafts": 5, "iterations": 6, "num_accepted_tokens": 4,
+                         "num_draft_tokens": 15}}
+    row = _problem_result(by_name["sd-k3"], SimpleNamespace(id="p"), answer, 16, lambda *_: True)
+    assert row.draft_forwards == 15
 
 
 def _result(config, i, *, correct=True, tokens=10, target=10, draft=0, accepted=0, proposed=0,
@@ -180,6 +201,8 @@ def test_concurrency_levels():
     (["--target", "/nonexistent/model"], "/nonexistent/model"),
     (["--server", "--concurrency", "1,zero"], "--concurrency"),
     (["--server", "--repeats", "0"], "--repeats"),
+    (["--sd-k", "4,x"], "--sd-k"),
+    (["--sd-k", "0"], "--sd-k"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = subprocess.run([sys.executable, "-m", "specguard_vllm.cli", "bench", *args],

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from specguard_vllm.config import ConfigError, load_config
-from specguard_vllm.evaluation.bench_configs import BenchConfig, EngineSpec, build_matrix
+from specguard_vllm.evaluation.bench_configs import BenchConfig, EngineSpec, build_matrix, sd_num_spec
 from specguard_vllm.evaluation.bench_metrics import (
     ProblemResult,
     add_comparisons,
@@ -52,6 +52,17 @@ def parse_concurrencies(text: str) -> list[int]:
     return sorted({1, *levels} if len(levels) == 1 else set(levels))
 
 
+def parse_sd_ks(text: str) -> list[int]:
+    """``--sd-k 3,4`` -> [3, 4]; a ValueError that names the option otherwise."""
+    try:
+        ks = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--sd-k: expected K or a comma list like 3,4, got {text!r}") from None
+    if any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+        raise ValueError(f"--sd-k: each K must be >= 1 and given once, got {text!r}")
+    return ks
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -63,8 +74,9 @@ def _problem_result(config: BenchConfig, item, answer: dict, num_spec: int, grad
         return ProblemResult(config.name, item.id, False, 0, 0.0, None, 0, 0, 0, 0,
                              error=answer["error"])
     engine, sg = answer["engine"], answer.get("specguard") or {}
-    if config.engine == "sd":
-        draft_forwards = engine["num_drafts"] * num_spec  # vLLM's draft loop: K passes per round
+    sd_k = sd_num_spec(config, num_spec)
+    if sd_k is not None:
+        draft_forwards = engine["num_drafts"] * sd_k  # vLLM's draft loop: K passes per round
     else:
         draft_forwards = sg.get("draft_forward_passes", 0.0)
     return ProblemResult(
@@ -305,7 +317,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--target: no such model directory: {args.target}")
         only = [c.strip() for c in args.configs.split(",")] if args.configs else None
         calibrated = {_calibrated_name(path): load_config(path) for path in args.calibrated or ()}
-        engines, configs = build_matrix(config, quick=args.quick, only=only, calibrated=calibrated)
+        sd_ks = parse_sd_ks(args.sd_k) if args.sd_k else None
+        engines, configs = build_matrix(config, quick=args.quick, only=only, calibrated=calibrated,
+                                        sd_ks=sd_ks)
         items = load_items(args.dataset, n, split=args.split, seed=args.seed, path=args.data_path)
         k0 = config.specguard.num_candidates
         urls = {key: url for key, url in (("target", args.target_url), ("sd", args.sd_url),
@@ -334,7 +348,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if urls:  # everything a given server can serve
         served = [c for c in configs if c.engine in urls]
     else:
-        served = [c for c in configs if c.name in SERVED or c.group in ("fallback", "calibrated")] \
+        served = [c for c in configs
+                  if c.name in SERVED or c.group in ("fallback", "calibrated", "sd-k")] \
             if use_servers else []
     offline = [] if args.skip_offline else configs
     total = len(items) * (len(offline) + len(served) * len(concurrencies) * (args.repeats + 1))
@@ -383,6 +398,9 @@ def add_bench_command(subparsers) -> None:
                        help="a config from `specguard calibrate` (repeatable): adds a configuration "
                        "named after the file (specguard.calibrated.yaml -> calibrated), its "
                        "tau/beta/fallback as per-request overrides")
+    bench.add_argument("--sd-k", metavar="K[,K...]",
+                       help="also run vLLM's draft_model SD at these K (configurations sd-kK), "
+                       "e.g. its best K for this pair, beside sd at num_speculative_tokens")
     bench.add_argument("--server", action="store_true",
                        help="also run target, sd, specguard (both fallbacks) and --calibrated "
                        "configs through real `vllm serve` + OpenAI client")

@@ -3,7 +3,8 @@
 SpecGuard variants that differ only in per-request knobs (tau, beta, fallback) share one
 engine and are selected per request through ``vllm_xargs``; k changes the proposer's batch
 shape, so each k gets its own engine. The baselines use the same draft and the same
-``num_speculative_tokens`` as SpecGuard.
+``num_speculative_tokens`` as SpecGuard; ``sd_ks`` adds vLLM's SD at other K (``sd-k4``...),
+since SD's best K is often far below the longest step SpecGuard needs (docs/ENGINE.md).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def calibrated_config(base: SpecGuardConfig, other: SpecGuardConfig, name: str =
 
 def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str] | None = None,
                  calibrated: dict[str, SpecGuardConfig] | None = None,
+                 sd_ks: list[int] | None = None,
                  ) -> tuple[list[EngineSpec], list[BenchConfig]]:
     """Engines and configurations for one bench run; ``only`` keeps the named ones.
 
@@ -101,6 +103,11 @@ def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str
     if quick:
         configs = [c for c in configs if c.name in QUICK or c.group == "fallback"]
     configs += [calibrated_config(config, other, name) for name, other in calibrated.items()]
+    for sd_k in sd_ks or ():
+        if sd_k < 1:
+            raise ValueError(f"--sd-k: K must be >= 1, got {sd_k}")
+        configs.append(BenchConfig(f"sd-k{sd_k}", f"sd-k{sd_k}", "sd-k", {},
+                                   {"num_speculative_tokens": sd_k}))
     if only:
         unknown = sorted(set(only) - {c.name for c in configs})
         if unknown:
@@ -114,10 +121,19 @@ def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str
             continue
         if c.engine == "target":
             engines["target"] = EngineSpec("target", None)
-        elif c.engine == "sd":
-            engines["sd"] = EngineSpec("sd", {
+        elif c.engine == "sd" or c.group == "sd-k":
+            engines[c.engine] = EngineSpec(c.engine, {
                 "method": "draft_model", "model": config.model,
-                "num_speculative_tokens": config.num_speculative_tokens})
+                "num_speculative_tokens": sd_num_spec(c, config.num_speculative_tokens)})
         else:
             engines[c.engine] = sg_engine(int(c.engine.rsplit("k", 1)[1]))
     return list(engines.values()), configs
+
+
+def sd_num_spec(config: BenchConfig, default: int) -> int | None:
+    """K of a vLLM SD configuration (``default`` for ``sd``); None for any other."""
+    if config.engine == "sd":
+        return default
+    if config.group == "sd-k":
+        return int(config.params["num_speculative_tokens"])
+    return None
