@@ -34,8 +34,11 @@ def test_engine_step_under_sync_debug_error():
     for site in ("verify_results", "committed_tokens", "drafted_rows"):
         assert reads.get(site, 0) <= 1, reads
     assert report["total_reads"].get("verify_results", 0) > 0, report
-    # The lagged early-stop flag: at most one per draft position.
+    # The lagged early-stop flags (step ends; tails stopped by tail_min_prob, which the
+    # paper config sets): at most one each per draft position.
     from specguard_vllm.config import load_config
 
-    assert reads.get("step_end_poll", 0) <= load_config(config).num_speculative_tokens, reads
-    assert set(reads) <= {"verify_results", "committed_tokens", "drafted_rows", "step_end_poll"}
+    K = load_config(config).num_speculative_tokens
+    assert reads.get("step_end_poll", 0) <= K and reads.get("tail_poll", 0) <= K, reads
+    assert set(reads) <= {"verify_results", "committed_tokens", "drafted_rows", "step_end_poll",
+                          "tail_poll"}

@@ -21,8 +21,9 @@ lookahead slots and every ``isinstance`` check keep working). Per engine step:
    have ended the step, its rows are settled (in groups, see row_compaction): the
    selector chooses among them and only the chosen row drafts on to K tokens (fallback
    ``speculative``, SpecGuard off) or none does; the loop ends when no row is left. A
-   row past its step's end drafts greedily (its tail, as vLLM's SD drafts); once only
-   tails are left (known on the host) nothing is sampled at all. The
+   row past its step's end drafts greedily (its tail, as vLLM's SD drafts), and with
+   ``tail_min_prob`` its draft ends after its first unsure tail token (the loop ends once
+   every tail has); once only tails are left (known on the host) nothing is sampled. The
    "done" flags reach the host once per position (on CUDA one position late, from
    pinned memory, so the host never stalls the device for them);
 5. the self-consistency selector keeps the most central candidate of the requests
