@@ -47,8 +47,12 @@ def draft_sample_ref(logits: torch.Tensor, uniforms: torch.Tensor, greedy: torch
     tokens = inverse_cdf_sample(logits, uniforms, temperature)
     if greedy is not None:
         tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-    return tokens, logprobs
+    return tokens, token_logprobs(logits, tokens)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[R]``: each row's temperature-1 log-prob of its token (float32 ``logits``)."""
+    return torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
 def draft_greedy_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,5 +62,4 @@ def draft_greedy_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.dtype != torch.float32:
         logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-    return tokens, logprobs
+    return tokens, token_logprobs(logits, tokens)

@@ -121,10 +121,9 @@ def build_matrix(config: SpecGuardConfig, *, quick: bool = False, only: list[str
             continue
         if c.engine == "target":
             engines["target"] = EngineSpec("target", None)
-        elif c.engine == "sd" or c.group == "sd-k":
+        elif (sd_k := sd_num_spec(c, config.num_speculative_tokens)) is not None:
             engines[c.engine] = EngineSpec(c.engine, {
-                "method": "draft_model", "model": config.model,
-                "num_speculative_tokens": sd_num_spec(c, config.num_speculative_tokens)})
+                "method": "draft_model", "model": config.model, "num_speculative_tokens": sd_k})
         else:
             engines[c.engine] = sg_engine(int(c.engine.rsplit("k", 1)[1]))
     return list(engines.values()), configs

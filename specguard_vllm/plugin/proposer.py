@@ -93,6 +93,32 @@ class CandidateRows:
         return self.req_of_row.shape[0]
 
 
+class LaggedRead:
+    """A small device tensor's value one post late, never stalling the device: each post
+    copies it to a double-buffered pinned slot asynchronously and reads the previous post's,
+    by when the next forward is already queued (the wait is named ``site``, see
+    host_transfer). CUDA only."""
+
+    def __init__(self, size: int, dtype: torch.dtype, site: str):
+        self.site = site
+        self._posted = 0
+        self._slots = [(torch.zeros(size, dtype=dtype, pin_memory=True), torch.cuda.Event())
+                       for _ in range(2)]
+
+    def post(self, value: torch.Tensor) -> np.ndarray | None:
+        """Post ``value``; the previous post's value (host), None after the first post."""
+        buffer, event = self._slots[self._posted % 2]
+        buffer.copy_(value, non_blocking=True)
+        event.record()
+        self._posted += 1
+        if self._posted < 2:
+            return None
+        previous, previous_event = self._slots[self._posted % 2]
+        with waits_for_device(self.site, value.device):
+            previous_event.synchronize()
+        return previous.numpy().copy()
+
+
 class StepEndPoll:
     """Which requests' candidates have all ended their step, read without stalling the device.
 
@@ -105,64 +131,39 @@ class StepEndPoll:
     """
 
     def __init__(self, device: torch.device, num_reqs: int):
-        self.lagged = device.type == "cuda"
         self.num_reqs = num_reqs
         # Host-known after each post (not lagged only): every live row's step is still open.
         self.all_open = False
-        self._posted = 0
-        if self.lagged:
-            self._slots = [(torch.zeros(num_reqs, dtype=torch.bool, pin_memory=True),
-                            torch.cuda.Event()) for _ in range(2)]
+        self._lagged = LaggedRead(num_reqs, torch.bool, "step_end_poll") \
+            if device.type == "cuda" else None
 
     def post(self, live: _LiveRows) -> np.ndarray | None:
         """Post this position's flags; returns the latest per-request ``[B]`` done flags
         readable now (host), None while there are none yet."""
-        if not self.lagged:
+        if self._lagged is None:
             open_rows = live.open_host()
             open_per_request = np.bincount(live.req_host, weights=open_rows,
                                            minlength=self.num_reqs)
             self.all_open = bool(open_rows.all())
             # A request waits for its rows' step ends, or (no draft needed) for none.
             return (open_per_request == 0) | ~live.request_waits
-        done = live.requests_done(self.num_reqs)
-        buffer, event = self._slots[self._posted % 2]
-        buffer.copy_(done, non_blocking=True)
-        event.record()
-        self._posted += 1
-        if self._posted < 2:
-            return None
-        previous, previous_event = self._slots[self._posted % 2]
-        with waits_for_device("step_end_poll", done.device):
-            previous_event.synchronize()
-        return previous.numpy().copy()
+        return self._lagged.post(live.requests_done(self.num_reqs))
 
 
 class TailPoll:
     """Whether any live row's tail still drafts, read without stalling the device: elsewhere
     than CUDA through a NumPy view of the rows' flags; on CUDA the previous position's flag
-    from pinned memory (StepEndPoll's scheme), so the loop ends at most one forward late.
-    How long each row's draft is does not depend on when the loop ends (_LiveRows.kept)."""
+    (LaggedRead), so the loop ends at most one forward late. How long each row's draft is
+    does not depend on when the loop ends (_LiveRows.kept)."""
 
     def __init__(self, device: torch.device):
-        self.lagged = device.type == "cuda"
-        self._posted = 0
-        if self.lagged:
-            self._slots = [(torch.ones(1, dtype=torch.bool, pin_memory=True), torch.cuda.Event())
-                           for _ in range(2)]
+        self._lagged = LaggedRead(1, torch.bool, "tail_poll") if device.type == "cuda" else None
 
     def any_going(self, live: _LiveRows) -> bool:
-        if not self.lagged:
+        if self._lagged is None:
             return bool(live.tail_open_host().any())
-        buffer, event = self._slots[self._posted % 2]
-        buffer.copy_(live.tail_open.any().view(1), non_blocking=True)
-        event.record()
-        self._posted += 1
-        if self._posted < 2:
-            return True
-        previous, previous_event = self._slots[self._posted % 2]
-        with waits_for_device("tail_poll", live.tail_open.device):
-            previous_event.synchronize()
-        return bool(previous[0])
+        going = self._lagged.post(live.tail_open.any().view(1))
+        return True if going is None else bool(going[0])
 
 
 def scratch_blocks_per_row(block_size: int, max_step: int) -> int:
@@ -297,10 +298,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
             # reads fp16/bf16 logits as they are: no float32 copy of the rows first
             u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
             return draft_sample(logits, u, greedy, temperature=temperature)
-        logits = logits.float()
-        tokens = logits.argmax(dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        return draft_greedy(logits)
 
     def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The draft's logits over the tokenizer's ids only (columns past it are padding rows).
