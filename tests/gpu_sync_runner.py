@@ -55,7 +55,7 @@ def main() -> int:
                         (grounding_capture.GroundingCapture, "on_attention"),
                         (runner_state.SpecGuardRunnerState, "record_committed"),
                         (runner_state.SpecGuardRunnerState, "truncate_drafts"),
-                        (runner_state.SpecGuardRunnerState, "draft_row_hints"),
+                        (runner_state.SpecGuardRunnerState, "draft_rows"),
                         (runner_state.SpecGuardRunnerState, "arm_grounding")):
         setattr(owner, name, _strict(getattr(owner, name)))
     per_step: list[collections.Counter] = []

@@ -279,7 +279,7 @@ def test_rejected_step_gets_no_drafts_until_the_target_writes_the_delimiter():
     steps.after_sampling("r", [2], NO_STEP)          # the target ends the step
     assert steps.truncate_draft("r", [0, 0, 2, 0]).tokens == [0, 0, 2]
     steps.after_sampling("r", [0, 0, 2, 1], ACCEPTED)  # accepted + bonus
-    assert steps.get("r").mode is not StepMode.REGENERATING and steps.get("r").open_step == [1]
+    assert steps.get("r").mode is not StepMode.REGENERATING and steps.get("r").open_len == 1
     steps.forget(["r"])
     assert len(steps) == 0
 
@@ -296,11 +296,11 @@ def test_speculative_fallback_verifies_token_level_until_the_step_ends():
     steps.after_sampling("r", [0], NO_STEP)
     steps.after_sampling("r", [0, 1], TOKEN_LEVEL)       # kept prefix + recovered token
     state = steps.get("r")
-    assert state.mode is StepMode.TOKEN_LEVEL and state.open_step == [0, 0, 1]
+    assert state.mode is StepMode.TOKEN_LEVEL and state.open_len == 3
     assert steps.truncate_draft("r", [1, 2, 0]).tokens == [1, 2]       # drafts continue the step
     steps.after_sampling("r", [1, 2, 0], TOKEN_LEVEL)    # the step ends, bonus opens the next
     state = steps.get("r")
-    assert state.mode is not StepMode.TOKEN_LEVEL and state.open_step == [0]
+    assert state.mode is not StepMode.TOKEN_LEVEL and state.open_len == 1
 
 
 def test_speculative_drafts_keep_the_tail_and_remember_the_step_length():
@@ -313,7 +313,7 @@ def test_speculative_drafts_keep_the_tail_and_remember_the_step_length():
     # Accepted step of 2 tokens, then the kept tail [0] and the target's token 1.
     steps.after_sampling("r", [1, 2, 0, 1], RowVerdict(Verdict.ACCEPTED, step_len=2))
     state = steps.get("r")
-    assert state.open_step == [0, 1] and state.mode is not StepMode.TOKEN_LEVEL
+    assert state.open_len == 2 and state.mode is not StepMode.TOKEN_LEVEL
     # Finishing a rejected step token-level: nothing in the row is a step.
     steps.after_sampling("r", [1], TOKEN_LEVEL)
     draft = steps.truncate_draft("r", [0, 2, 1], keep_tail=True)
@@ -325,17 +325,87 @@ def test_speculative_drafts_keep_the_tail_and_remember_the_step_length():
     assert draft.step_len is None
 
 
-def test_draft_step_lengths_hand_off_each_length_to_one_verification():
-    from specguard_vllm.plugin.step_state import DraftStepLengths
+def test_proposed_step_lengths_hand_off_each_length_to_one_verification():
+    import numpy as np
 
-    lengths = DraftStepLengths()
-    lengths.record("a", 3)
-    lengths.record("b", None)
-    lengths.record("c", 1)
-    assert lengths.take("a") == 3 and lengths.take("a") is None  # taken once
-    assert lengths.take("b") is None
-    lengths.forget(["c"])
-    assert lengths.take("c") is None
+    from specguard_vllm.plugin.step_state import NO_LENGTH
+
+    steps = table()
+    slots = steps.slots(["a", "b", "c"])
+    steps.record_proposed(slots, np.array([3, NO_LENGTH, 1]))
+    # Rows without drafts take nothing and keep their entry for their next verification.
+    assert steps.take_proposed(slots, np.array([True, True, False])).tolist() == [3, NO_LENGTH,
+                                                                                 NO_LENGTH]
+    assert steps.take_proposed(slots, np.array([True, True, True])).tolist() == [NO_LENGTH,
+                                                                                NO_LENGTH, 1]
+    steps.record_proposed(slots[2:], np.array([4]))
+    steps.forget(["c"])
+    assert steps.take_proposed(steps.slots(["c"]), np.array([True])).tolist() == [NO_LENGTH]
+
+
+def test_step_table_slots_are_reused_and_grow_past_their_capacity():
+    steps = StepStateTable(table().segmenter, capacity=2)
+    first = steps.slots(["a", "b"]).tolist()
+    assert steps.slots(["a", "b"]).tolist() == first and len(steps) == 2
+    steps.after_sampling("a", [0, 1], NO_STEP)
+    grown = steps.slots(["a", "b", "c", "d", "e"]).tolist()  # past capacity: arrays grow
+    assert grown[:2] == first and len(set(grown)) == 5 and steps.get("a").open_len == 2
+    steps.forget(["a"])
+    reused = steps.slots(["f"]).tolist()[0]
+    assert reused == first[0] and steps.get("f").open_len == 0  # a fresh request's state
+
+
+def _after_sampling_one_token_at_a_time(segmenter, state, tokens, row):
+    """The step table's rule written per token (mode, automaton state, open step length)."""
+    mode, automaton, open_len = state
+
+    def push(mode, automaton, open_len, token):
+        nxt = segmenter.advance(automaton, token)
+        if nxt == segmenter.END:
+            return StepMode.DRAFTING, 0, 0
+        return mode, nxt, open_len + 1
+
+    if not tokens:
+        return state
+    if row.verdict is Verdict.REJECTED:
+        return push(StepMode.REGENERATING, automaton, open_len, tokens[0])
+    if row.verdict is Verdict.ACCEPTED:
+        mode, automaton, open_len = StepMode.DRAFTING, 0, 0
+        tokens = tokens[-1:] if row.step_len is None else tokens[row.step_len:]
+    elif row.verdict is Verdict.TOKEN_LEVEL:
+        mode = StepMode.TOKEN_LEVEL
+    for token in tokens:
+        mode, automaton, open_len = push(mode, automaton, open_len, token)
+    return mode, automaton, open_len
+
+
+def test_batched_after_sampling_follows_the_rule_token_by_token():
+    """The engine's one call for the batch gives each request the state a token-by-token
+    walk of the rule gives (multi-token delimiter, EOS, every verdict, ragged rows)."""
+    import numpy as np
+
+    from specguard_vllm.plugin.step_state import NO_LENGTH
+
+    vocab = ["a", "b", "\n", "</s>", "x\n", "\n\n"]
+    segmenter = StepSegmenter(lambda ids: "".join(vocab[i] for i in ids), len(vocab),
+                              ["\n\n", "b."], [3])
+    rng = np.random.default_rng(0)
+    steps = StepStateTable(segmenter)
+    ids = [f"r{i}" for i in range(8)]
+    expected = {r: (StepMode.DRAFTING, 0, 0) for r in ids}
+    for _ in range(60):
+        width = int(rng.integers(1, 7))
+        tokens = rng.integers(0, len(vocab), size=(8, width))
+        counts = rng.integers(0, width + 1, size=8)
+        kinds = rng.integers(0, 4, size=8).astype(np.int8)
+        lens = np.where(kinds == Verdict.ACCEPTED, rng.integers(-1, width + 1, size=8), NO_LENGTH)
+        steps.after_sampling_rows(steps.slots(ids), tokens, counts, kinds, lens)
+        for i, req_id in enumerate(ids):
+            row = RowVerdict(Verdict(int(kinds[i])), None if lens[i] < 0 else int(lens[i]))
+            expected[req_id] = _after_sampling_one_token_at_a_time(
+                segmenter, expected[req_id], tokens[i, : counts[i]].tolist(), row)
+            got = steps.get(req_id)
+            assert (got.mode, got.open_state, got.open_len) == expected[req_id]
 
 
 def test_verdicts_name_each_rows_outcome_and_ignore_rows_they_did_not_see():
@@ -347,9 +417,13 @@ def test_verdicts_name_each_rows_outcome_and_ignore_rows_they_did_not_see():
     assert row_verdict(rejected, token_level=False, step_len=3) == REJECTED
     assert row_verdict(None, token_level=True, step_len=0) == TOKEN_LEVEL
     assert row_verdict(None, token_level=False, step_len=0) == NO_STEP
-    verdicts = StepVerdicts(["a", "b"], [REJECTED, TOKEN_LEVEL])
-    assert verdicts.row(1, "b") == TOKEN_LEVEL
+    verdicts = StepVerdicts.of(["a", "b"], [REJECTED, RowVerdict(Verdict.ACCEPTED, 2)])
+    assert verdicts.row(1, "b") == RowVerdict(Verdict.ACCEPTED, 2)
     assert verdicts.row(1, "a") == NO_STEP and verdicts.row(2, "c") == NO_STEP
+    kinds, lens = verdicts.for_batch(["a", "x", "c"])  # row 1 is another request now
+    assert kinds.tolist() == [Verdict.REJECTED, Verdict.NO_STEP, Verdict.NO_STEP]
+    assert lens.tolist() == [-1, -1, -1]
+    assert verdicts.for_batch(["a", "b"])[1].tolist() == [-1, 2]
 
 
 def test_grounding_capture_reuses_one_workspace_per_layer_and_matches_the_reference():
@@ -481,3 +555,33 @@ def test_kernel_selfcheck_switches_the_process_to_the_reference_on_disagreement(
         assert not dispatch.use_triton(torch.empty(1))
     finally:
         dispatch._TRITON_DISABLED = None
+
+
+def test_batched_draft_cuts_follow_the_rule_row_by_row():
+    """truncate_rows (the engine's array cut) against the rule written per row."""
+    import numpy as np
+
+    from specguard_vllm.plugin.step_state import NO_LENGTH
+
+    rng = np.random.default_rng(1)
+    steps = table()
+    ids = [f"r{i}" for i in range(16)]
+    slots = steps.slots(ids)
+    for _ in range(30):
+        steps.mode[slots] = rng.integers(0, 3, size=16)
+        draft_lens = rng.integers(0, 9, size=16)
+        step_ends = np.where(rng.random(16) < 0.3, 0, rng.integers(1, 9, size=16))
+        step_ends = np.minimum(step_ends, draft_lens)  # a step ends inside its row's draft
+        eos_ends = np.where(rng.random(16) < 0.5, 0, rng.integers(1, 12, size=16))
+        keep_tail = rng.random(16) < 0.5
+        lengths, step_lens = steps.truncate_rows(slots, draft_lens, step_ends, eos_ends, keep_tail)
+        for i in range(16):
+            mode, n, end, eos = StepMode(int(steps.mode[slots[i]])), draft_lens[i], step_ends[i], eos_ends[i]
+            if mode is StepMode.REGENERATING:
+                want = (0, NO_LENGTH)
+            elif not keep_tail[i]:
+                want = (min(end, n) if end else n, NO_LENGTH)
+            else:
+                kept = min(eos, n) if eos else n
+                want = (kept, 0 if mode is StepMode.TOKEN_LEVEL else (end if end else kept))
+            assert (lengths[i], step_lens[i]) == want

@@ -27,7 +27,7 @@ from specguard_vllm.plugin.proposer import SpecGuardDraftProposer
 from specguard_vllm.plugin.request_params import resolve_opt_out
 from specguard_vllm.plugin.step_state import (
     NO_STEP,
-    DraftRowHint,
+    DraftRows,
     RowVerdict,
     StepMode,
     StepStateTable,
@@ -109,7 +109,7 @@ def test_request_keys_seeded_by_seed_and_prompt_unseeded_by_request_id_and_engin
     assert other_config._request_key("a-1") != key("a-1")
     # The same on every process: nothing per-process enters the key.
     assert proposer(requests)._request_key("e-5") == key("e-5")
-    assert len(p._streams("a-1", 4)) == 4
+    assert len(p.request_streams("a-1", 4)) == 4
     p.forget(["a-1"])
     assert "a-1" not in p._request_keys and "a-1" not in p._request_streams
 
@@ -129,16 +129,16 @@ def test_unseeded_greedy_requests_are_keyed_by_prompt_so_they_are_reproducible()
 
 def test_candidate_rows_are_ragged_with_one_greedy_row_for_an_opted_out_request():
     p = proposer({"r0": request(), "r1": request(), "r2": request(), "r3": request()})
-    hints = [DraftRowHint(), DraftRowHint(opted_out=True), DraftRowHint(needs_no_draft=True),
-             DraftRowHint()]
-    cand = p._candidate_rows(hints, ["r0", "r1", "r2", "r3"], 4, torch.device("cpu"))
+    batch = DraftRows.of(opted_out=[False, True, False, False],
+                         needs_no_draft=[False, False, True, False])
+    cand = p._candidate_rows(batch, ["r0", "r1", "r2", "r3"], 4, torch.device("cpu"))
     assert cand.counts == [4, 1, 1, 4] and cand.starts == [0, 4, 5, 6] and cand.rows == 10
     assert cand.req_of_row.tolist() == [0, 0, 0, 0, 1, 2, 3, 3, 3, 3]
     assert cand.cand_of_row.tolist() == [0, 1, 2, 3, 0, 0, 0, 1, 2, 3]
     assert cand.greedy.tolist() == [False] * 4 + [True] + [False] * 5
     keys = torch.tensor([p._request_key(r) for r in ("r0", "r1", "r2", "r3")])
     assert cand.streams.tolist() == row_streams(keys[cand.req_of_row], cand.cand_of_row).tolist()
-    uniform = p._candidate_rows([DraftRowHint()] * 2, ["r0", "r1"], 3, torch.device("cpu"))
+    uniform = p._candidate_rows(DraftRows.uniform(2), ["r0", "r1"], 3, torch.device("cpu"))
     assert uniform.greedy is None and uniform.cand_of_row.tolist() == [0, 1, 2, 0, 1, 2]
 
 
@@ -146,14 +146,14 @@ def test_sampling_draws_each_row_from_its_own_key_whatever_the_batch():
     p = proposer({f"r{i}": request() for i in range(3)}, temperature=0.7)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=gen) * 2
-    hints = [DraftRowHint(), DraftRowHint(opted_out=True), DraftRowHint()]
-    cand = p._candidate_rows(hints, ["r0", "r1", "r2"], 4, torch.device("cpu"))
+    batch = DraftRows.of(opted_out=[False, True, False])
+    cand = p._candidate_rows(batch, ["r0", "r1", "r2"], 4, torch.device("cpu"))
     positions = torch.tensor([7, 9, 12], dtype=torch.int64)[cand.req_of_row]
     tokens, logprobs = p._sample(logits[cand.req_of_row], cand, positions)
     assert tokens[4].item() == logits[1].argmax().item()  # the opted-out row: greedy
     assert torch.allclose(logprobs, torch.log_softmax(logits[cand.req_of_row], -1)
                           .gather(1, tokens.unsqueeze(1)).squeeze(1))
-    alone = p._candidate_rows(hints[2:], ["r2"], 4, torch.device("cpu"))
+    alone = p._candidate_rows(DraftRows.uniform(1), ["r2"], 4, torch.device("cpu"))
     tokens_alone, _ = p._sample(logits[2:].repeat(4, 1), alone, torch.full((4,), 12))
     assert tokens_alone.tolist() == tokens[5:].tolist()
 
@@ -163,7 +163,7 @@ def test_rows_past_their_step_end_draft_greedily_and_the_rest_keep_their_draws()
     keyed draw it would have had anyway."""
     p = proposer({"r0": request(), "r1": request()}, temperature=0.7)
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3)) * 2
-    cand = p._candidate_rows([DraftRowHint()] * 2, ["r0", "r1"], 4, torch.device("cpu"))
+    cand = p._candidate_rows(DraftRows.uniform(2), ["r0", "r1"], 4, torch.device("cpu"))
     positions = torch.full((8,), 5, dtype=torch.int64)
     sampled, _ = p._sample(logits, cand, positions)
     past = torch.tensor([True, False, False, True, False, True, False, False])
@@ -179,7 +179,7 @@ def test_sampled_tokens_follow_the_tempered_draft_distribution():
     requests = {f"r{i}": request() for i in range(n)}
     p = proposer(requests, k=1, temperature=0.5)
     logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, -30.0]])
-    cand = p._candidate_rows([DraftRowHint()] * n, list(requests), 1, torch.device("cpu"))
+    cand = p._candidate_rows(DraftRows.uniform(n), list(requests), 1, torch.device("cpu"))
     tokens, _ = p._sample(logits.expand(n, -1), cand, torch.zeros(n, dtype=torch.int64))
     freq = torch.bincount(tokens, minlength=5).float() / n
     expected = torch.softmax(logits[0] / 0.5, -1)
@@ -214,8 +214,8 @@ def test_ragged_block_table_gives_private_copy_on_write_blocks_to_candidates_abo
                  layers=[("draft_model.layers.0", layer)])
     block_table = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]], dtype=torch.int32)
     positions = torch.tensor([5, 11, 0], dtype=torch.int64)  # tail columns 1, 2 (the last), 0
-    hints = [DraftRowHint(opted_out=count == 1) for count in counts]
-    cand = p._candidate_rows(hints, ["a", "b", "c"], 4, torch.device("cpu"))
+    batch = DraftRows.of(opted_out=[count == 1 for count in counts])
+    cand = p._candidate_rows(batch, ["a", "b", "c"], 4, torch.device("cpu"))
     expanded = p._expanded_block_table(block_table, positions, cand)
     assert expanded.dtype == block_table.dtype and expanded.is_contiguous()
     assert expanded.tolist() == reference_block_table(block_table, positions, counts, block_size,
@@ -232,8 +232,8 @@ def test_ragged_block_table_gives_private_copy_on_write_blocks_to_candidates_abo
 
 def test_select_keeps_a_single_row_and_picks_among_k():
     p = proposer(k=3)
-    hints = [DraftRowHint(opted_out=True), DraftRowHint()]
-    cand = p._candidate_rows(hints, ["a", "b"], 3, torch.device("cpu"))
+    batch = DraftRows.of(opted_out=[True, False])
+    cand = p._candidate_rows(batch, ["a", "b"], 3, torch.device("cpu"))
     # Request b: candidates "a a \n", "b \n", "a a \n": the two agreeing ones are central.
     tokens = torch.tensor([[1, 1, 1], [0, 0, 2], [1, 2, 0], [0, 0, 2]])
     ends = p.segmenter.step_lengths(tokens, cand.open_states)
@@ -249,8 +249,8 @@ def test_select_compares_candidates_on_their_step_part_only():
     """Tokens past a candidate's step end (drafted because another row had not ended) do
     not count: "a \n" + noise agrees with "a \n" + other noise."""
     p = proposer(k=3)
-    hints = [DraftRowHint()]
-    cand = p._candidate_rows(hints, ["a"], 3, torch.device("cpu"))
+    batch = DraftRows.uniform(1)
+    cand = p._candidate_rows(batch, ["a"], 3, torch.device("cpu"))
     tokens = torch.tensor([[0, 2, 1, 1], [1, 1, 1, 2], [0, 2, 0, 0]])
     ends = p.segmenter.step_lengths(tokens, cand.open_states)
     # Without the cut, row 0 "a \n b b" would be as central as row 2; with it, rows 0 and 2
@@ -267,7 +267,7 @@ def test_drafted_columns_are_written_per_row_set_where_they_belong():
     from specguard_vllm.plugin.proposer import _LiveRows
 
     p = proposer(k=2)
-    cand = p._candidate_rows([DraftRowHint(), DraftRowHint()], ["a", "b"], 2, torch.device("cpu"))
+    cand = p._candidate_rows(DraftRows.uniform(2), ["a", "b"], 2, torch.device("cpu"))
     live = _LiveRows.start(p.segmenter, cand, torch.zeros(4, dtype=torch.int64),
                            np.array([0, 0, 1, 1]))
     tokens, logprobs = torch.zeros(4, 4, dtype=torch.int64), torch.zeros(4, 4)
@@ -293,7 +293,7 @@ def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
     from specguard_vllm.plugin.proposer import StepEndPoll, _LiveRows
 
     p = proposer(k=2)
-    cand = p._candidate_rows([DraftRowHint(), DraftRowHint()], ["a", "b"], 2, torch.device("cpu"))
+    cand = p._candidate_rows(DraftRows.uniform(2), ["a", "b"], 2, torch.device("cpu"))
     live = _LiveRows.start(p.segmenter, cand, torch.zeros(4, dtype=torch.int64),
                            np.array([0, 0, 1, 1]))
     poll = StepEndPoll(torch.device("cpu"), 2)
@@ -312,11 +312,11 @@ def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
     narrow.push(torch.tensor([0, 0]))
     assert narrow.requests_done(2).tolist() == [True, True]
     assert narrow.full_ends().tolist() == [1, 2, 1, 1]
-    idle = p._candidate_rows([DraftRowHint(needs_no_draft=True)], ["a"], 2, torch.device("cpu"))
+    idle = p._candidate_rows(DraftRows.of(needs_no_draft=[True]), ["a"], 2, torch.device("cpu"))
     live = _LiveRows.start(p.segmenter, idle, torch.zeros(1, dtype=torch.int64), np.array([0]))
     assert live.requests_done(1).tolist() == [True]  # no row waits: done before any token
     assert StepEndPoll(torch.device("cpu"), 1).post(live).tolist() == [True]
-    opened = [DraftRowHint(open_state=p.segmenter.state_after([0]))]
+    opened = DraftRows.of(open_states=[p.segmenter.state_after([0])])
     assert p._candidate_rows(opened, ["a"], 2, torch.device("cpu")).open_states.tolist() == [0, 0]
 
 
@@ -343,8 +343,8 @@ def test_a_tail_stops_after_its_first_unsure_token_and_narrowing_keeps_the_count
     threshold = data.draw(st.sampled_from([0.3, 0.5, 0.7, 1.0]))
     width = data.draw(st.integers(2, 7))
     p = proposer(k=2, tail_min_prob=threshold)
-    hints = [DraftRowHint(), DraftRowHint(opted_out=True), DraftRowHint()]
-    cand = p._candidate_rows(hints, ["a", "b", "c"], 2, torch.device("cpu"))
+    batch = DraftRows.of(opted_out=[False, True, False])
+    cand = p._candidate_rows(batch, ["a", "b", "c"], 2, torch.device("cpu"))
     assert cand.tail_stop_below.tolist()[2] == -np.inf  # the opted-out row
     rows = cand.rows
     step_ends = [data.draw(st.one_of(st.none(), st.integers(1, width))) for _ in range(rows)]
@@ -376,7 +376,7 @@ def test_a_tail_stops_after_its_first_unsure_token_and_narrowing_keeps_the_count
 
 def test_without_tail_min_prob_nothing_is_tracked():
     p = proposer(k=2)
-    cand = p._candidate_rows([DraftRowHint()], ["a"], 2, torch.device("cpu"))
+    cand = p._candidate_rows(DraftRows.uniform(1), ["a"], 2, torch.device("cpu"))
     assert cand.tail_stop_below is None
 
 
@@ -412,4 +412,4 @@ def test_opted_out_request_stays_token_level_and_drafts_whole_rows():
         assert draft.tokens == (cut + [1, 1] if 3 not in row else cut)
         steps.after_sampling("r", row, RowVerdict(Verdict.TOKEN_LEVEL))
         state = steps.get("r")
-        assert state.mode is StepMode.TOKEN_LEVEL and state.opted_out and state.open_step == []
+        assert state.mode is StepMode.TOKEN_LEVEL and state.opted_out and state.open_len == 0

@@ -46,8 +46,9 @@ Worker (model runner):
      each row's number of drafted tokens.
   P8 ``GPUModelRunner._update_states_after_model_execute``: update each request's
      step mode from the committed tokens and the verifier's verdicts.
-  P9 ``GPUModelRunner.propose_draft_token_ids``: pass row hints to the proposer and
-     cut each proposed row after its step delimiter (0 drafts while regenerating).
+  P9 ``GPUModelRunner.propose_draft_token_ids``: pass the batch's draft rows to the
+     proposer and cut each proposed row after its step delimiter (0 drafts while
+     regenerating).
   P10 ``GPUModelRunner._update_states``: forget finished / aborted requests.
   P11 ``<Backend>Impl.forward`` for CPU_ATTN, FLASH_ATTN, TRITON_ATTN: after the
      backend's attention, compute the grounding statistics of the target's last
@@ -301,7 +302,7 @@ class GPUModelRunnerPatch(VllmPatch):
         return result
 
     def propose_draft_token_ids(self, *args, **kwargs):
-        """P9: hand the proposer its row hints; cut each proposed row after its step.
+        """P9: hand the proposer what the step table knows of its rows; cut each row after its step.
 
         vLLM 0.32 sends the returned rows to the scheduler as next step's drafts, so a
         regenerating request gets none.
@@ -309,7 +310,7 @@ class GPUModelRunnerPatch(VllmPatch):
         state = self.specguard_state
         if state is None:
             return self._orig_propose_draft_token_ids(*args, **kwargs)
-        self.drafter.row_hints = state.draft_row_hints()
+        self.drafter.draft_rows = state.draft_rows()
         return state.truncate_drafts(self._orig_propose_draft_token_ids(*args, **kwargs))
 
     def _update_states(self, scheduler_output, *args, **kwargs):

@@ -54,7 +54,7 @@ from specguard_vllm.plugin.config_bridge import specguard_from_additional_config
 from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
 from specguard_vllm.plugin.keyed_sampling import row_stream, uniforms_at
 from specguard_vllm.plugin.row_compaction import RowCompaction
-from specguard_vllm.plugin.step_state import DraftRowHint
+from specguard_vllm.plugin.step_state import DraftRows
 
 logger = logging.getLogger("vllm.specguard")
 
@@ -179,11 +179,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
         self.specguard = specguard_from_additional_config(vllm_config.additional_config)
         if self.specguard is not None:
             trust_engine_pair(vllm_config.speculative_config)  # P13 in this worker
-        # Set by the runner's SpecGuard state: the step segmenter and metrics once, the
-        # hints of this batch's rows before each propose.
+        # Set by the runner's SpecGuard state: the step segmenter and metrics once, what
+        # it knows of this batch's rows before each propose.
         self.segmenter: StepSegmenter | None = None
         self.metrics = None
-        self.row_hints: list[DraftRowHint] | None = None
+        self.draft_rows: DraftRows | None = None
         self._scratch_base: int | None = None
         self._scratch_blocks_per_row = 0
         # CPU only: where the copy-on-write stages the tail blocks (see _copy_tail_blocks).
@@ -234,8 +234,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
             self._request_keys[req_id] = key
         return key
 
-    def _streams(self, req_id: str, k: int) -> list[int]:
-        """The random streams of a request's k candidates (host ints, hashed once)."""
+    def request_streams(self, req_id: str, k: int) -> list[int]:
+        """The random streams of a request's k candidates (host ints, hashed once; the runner's
+        step table keeps them per request slot)."""
         streams = self._request_streams.get(req_id)
         if streams is None or len(streams) < k:
             key = self._request_key(req_id)
@@ -247,37 +248,43 @@ class SpecGuardDraftProposer(DraftModelProposer):
             self._request_keys.pop(req_id, None)
             self._request_streams.pop(req_id, None)
 
-    def _candidate_rows(self, hints: list[DraftRowHint], req_ids: list[str], k: int,
+    def _candidate_rows(self, batch: DraftRows, req_ids: list[str], k: int,
                         device: torch.device) -> CandidateRows:
         """k rows per request; one for a request with SpecGuard off (drafted greedily, as
-        vLLM's SD drafts) or one that needs no draft. One host-to-device copy, no sync."""
-        counts = [1 if hint.opted_out or hint.needs_no_draft else k for hint in hints]
-        greedy = [int(hint.opted_out) for hint in hints]
-        waits = [int(not hint.needs_no_draft) for hint in hints]
-        counts_t, greedy_t, states_t, waits_t = rows_to_device(
-            [counts, greedy, [hint.open_state for hint in hints], waits], torch.int64,
-            device).unbind(0)
+        vLLM's SD drafts) or one that needs no draft. Host arrays, then one host-to-device
+        copy, no sync and no loop over requests."""
+        counts = np.where(batch.opted_out | batch.needs_no_draft, 1, k).astype(np.int64)
+        waits = ~batch.needs_no_draft
+        streams = batch.streams if batch.streams is not None \
+            else np.array([self.request_streams(r, k) for r in req_ids], dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        rows = int(counts.sum())
+        cand_host = np.arange(rows) - np.repeat(starts, counts)
+        row_streams = streams.reshape(len(req_ids), -1)[np.repeat(np.arange(len(req_ids)), counts),
+                                                         cand_host]
+        host = torch.from_numpy(np.concatenate([
+            counts, batch.opted_out.astype(np.int64), batch.open_states.astype(np.int64),
+            waits.astype(np.int64), row_streams]))
+        if device.type == "cuda":
+            host = host.pin_memory()
+        on_device = host.to(device, non_blocking=True)
+        n = len(req_ids)
+        counts_t, greedy_t, states_t, waits_t = on_device[: 4 * n].view(4, n).unbind(0)
         tail_min_prob = self.specguard.specguard.tail_min_prob
         stop_below = None
         if tail_min_prob > 0.0:
             # A request drafted as vLLM's SD (SpecGuard off) keeps SD's tails: never stopped.
             stop_below = torch.where(greedy_t.bool(), -math.inf, math.log(tail_min_prob)) \
                 .to(torch.float32)
-        streams = rows_to_device([[s for r, n in zip(req_ids, counts)
-                                   for s in self._streams(r, k)[:n]]], torch.int64, device)[0]
-        starts = [0] * len(counts)
-        for i in range(1, len(counts)):
-            starts[i] = starts[i - 1] + counts[i - 1]
-        rows = sum(counts)
         req_of_row = torch.repeat_interleave(counts_t, output_size=rows)
         starts_t = counts_t.cumsum(0) - counts_t
         cand_of_row = torch.arange(rows, device=device) - starts_t[req_of_row]
         return CandidateRows(
-            counts=counts, starts=starts, counts_t=counts_t, starts_t=starts_t,
-            req_of_row=req_of_row, cand_of_row=cand_of_row, streams=streams,
-            greedy=greedy_t.bool()[req_of_row] if any(greedy) else None,
+            counts=counts.tolist(), starts=starts.tolist(), counts_t=counts_t, starts_t=starts_t,
+            req_of_row=req_of_row, cand_of_row=cand_of_row, streams=on_device[4 * n:],
+            greedy=greedy_t.bool()[req_of_row] if batch.opted_out.any() else None,
             open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
-            request_waits=np.asarray(waits, dtype=bool),
+            request_waits=waits.astype(bool),
             tail_stop_below=None if stop_below is None else stop_below[req_of_row])
 
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,
@@ -466,12 +473,11 @@ class SpecGuardDraftProposer(DraftModelProposer):
 
         req_ids = list(self._owner.input_batch.req_ids[:num_reqs]) if self._owner is not None \
             else [str(i) for i in range(num_reqs)]
-        hints = self.row_hints if self.row_hints is not None and len(self.row_hints) == num_reqs \
-            else [DraftRowHint()] * num_reqs
-        cand = self._candidate_rows(hints, req_ids, k, hidden.device)
-        compaction = RowCompaction(cand.counts, [hint.drafts_past_step for hint in hints],
-                                   [hint.needs_no_draft for hint in hints],
-                                   greedy=[hint.opted_out for hint in hints])
+        batch = self.draft_rows if self.draft_rows is not None \
+            and self.draft_rows.num_rows == num_reqs else DraftRows.uniform(num_reqs)
+        cand = self._candidate_rows(batch, req_ids, k, hidden.device)
+        compaction = RowCompaction(cand.counts, batch.drafts_past_step, batch.needs_no_draft,
+                                   greedy=batch.opted_out)
         positions = self.positions[sample_idx][:num_reqs].clone()  # position of the bonus token
         live = _LiveRows.start(self.segmenter, cand, positions.to(torch.int64)[cand.req_of_row],
                                compaction.request_of_rows())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from specguard_vllm.config import SpecGuardConfig, SpecGuardParams
@@ -23,16 +24,9 @@ from specguard_vllm.plugin.grounding_capture import (
     TensorParallelRows,
     grounding_layer_names,
 )
-from specguard_vllm.plugin.host_transfer import read_to_host, rows_to_device
+from specguard_vllm.plugin.host_transfer import copy_to_host
 from specguard_vllm.plugin.request_params import resolve_opt_out, resolve_request_params
-from specguard_vllm.plugin.step_state import (
-    NO_STEP,
-    DraftRowHint,
-    DraftStepLengths,
-    StepMode,
-    StepStateTable,
-    StepVerdicts,
-)
+from specguard_vllm.plugin.step_state import NO_LENGTH, DraftRows, StepStateTable, StepVerdicts
 
 logger = logging.getLogger("vllm.specguard")
 
@@ -40,9 +34,10 @@ logger = logging.getLogger("vllm.specguard")
 class SpecGuardRunnerState:
     """SpecGuard's per-runner state: step table, hand-offs, grounding capture, metrics.
 
-    Within one engine step the hand-offs run: the proposer's truncation records where
-    each drafted step ends (``draft_step_lens``), the verifier of the next step takes it,
-    and leaves its ``verdicts`` for :meth:`record_committed`.
+    Within one engine step the hand-offs run: the proposer's truncation records in the
+    step table where each drafted step ends, the verifier of the next step takes it, and
+    leaves its ``verdicts`` for :meth:`record_committed`. Every per-request fact lives in
+    the table's arrays, read and written for the whole batch at once.
     """
 
     def __init__(self, runner, config: SpecGuardConfig):
@@ -60,9 +55,9 @@ class SpecGuardRunnerState:
         vocab_size = model_config.get_vocab_size()
         self.segmenter = StepSegmenter.from_tokenizer(
             tokenizer, config.specguard.step_delimiters, vocab_size=vocab_size)
-        self.steps = StepStateTable(self.segmenter)
+        self.steps = StepStateTable(self.segmenter, config.specguard, resolve=self._resolve,
+                                    capacity=runner.vllm_config.scheduler_config.max_num_seqs)
         self._eos_ids: dict[torch.device, torch.Tensor] = {}
-        self.draft_step_lens = DraftStepLengths()
         self.verdicts: StepVerdicts | None = None  # this engine step's, from the verifier
         self.capture: GroundingCapture | None = None  # built on the first verification
         self.grounding_skipped = False  # this forward's rows all have beta = 1: no capture
@@ -94,20 +89,21 @@ class SpecGuardRunnerState:
         config = specguard_from_additional_config(runner.vllm_config.additional_config)
         return None if config is None else cls(runner, config)
 
-    def request_params(self, req_id: str) -> SpecGuardParams:
-        """The request's knobs, resolved once and kept in its step state (with its opt-out)."""
-        steps = self.steps.get(req_id)
-        if steps.params is None:
-            request = getattr(self.runner, "requests", {}).get(req_id)
-            steps.params = resolve_request_params(request, self.config.specguard)
-            if resolve_opt_out(request):
-                self.steps.opt_out(req_id)
-        return steps.params
+    def _resolve(self, req_id: str):
+        """A new request's knobs and opt-out (its ``vllm_xargs``) and its candidates' random
+        streams, once per request, when it gets its slot in the step table."""
+        request = getattr(self.runner, "requests", {}).get(req_id)
+        return (resolve_request_params(request, self.config.specguard), resolve_opt_out(request),
+                self.runner.drafter.request_streams(req_id, self.config.specguard.num_candidates))
 
-    def _drafts_past_step(self, req_id: str) -> bool:
-        """Draft to K tokens (as vLLM's SD does): fallback speculative, or SpecGuard off."""
-        params = self.request_params(req_id)
-        return params.fallback == "speculative" or self.steps.get(req_id).opted_out
+    def request_params(self, req_id: str) -> SpecGuardParams:
+        """The request's knobs, resolved when it got its slot in the step table."""
+        return self.steps.get(req_id).params
+
+    def batch_slots(self, num_rows: int | None = None) -> np.ndarray:
+        """The step-table slots of the input batch's first ``num_rows`` rows (all by default)."""
+        batch = self.runner.input_batch
+        return self.steps.slots(batch.req_ids[: batch.num_reqs if num_rows is None else num_rows])
 
     # ------------------------------------------------------------------ target forward
     def before_target_forward(self) -> None:
@@ -139,11 +135,11 @@ class SpecGuardRunnerState:
             self.capture.arm(num_draft_tokens)
 
     def _batch_reads_grounding(self, num_draft_tokens: list[int]) -> bool:
-        req_ids = self.runner.input_batch.req_ids[: len(num_draft_tokens)]
-        if len(req_ids) != len(num_draft_tokens):  # dummy / profiling runs: capture as usual
+        if self.runner.input_batch.num_reqs < len(num_draft_tokens):  # dummy / profiling runs
             return True
-        return any(n > 0 and self.request_params(req_id).beta < 1.0
-                   for req_id, n in zip(req_ids, num_draft_tokens))
+        slots = self.batch_slots(len(num_draft_tokens))
+        drafted = np.asarray(num_draft_tokens, dtype=np.int64) > 0
+        return bool((drafted & (self.steps.beta[slots] < 1.0)).any())
 
     def prepare_at_start(self, num_blocks: int) -> int:
         """Once the KV cache exists, before any request: build the grounding capture (refusing
@@ -179,34 +175,33 @@ class SpecGuardRunnerState:
 
     # ------------------------------------------------------------------ after sampling
     def record_committed(self, output_token_ids: torch.Tensor) -> None:
-        """Update each request's step state from what this engine step committed."""
+        """Update the batch's step state from what this engine step committed (array ops)."""
         batch = self.runner.input_batch
         num_reqs = batch.num_reqs
-        discarded = self.runner.discard_request_mask.np[:num_reqs]
         # vLLM reads the same tokens in its bookkeeping, but only after drafting, and the
         # step table must know them before the proposer runs.
-        rows = read_to_host(output_token_ids[:num_reqs], "committed_tokens")
-        vocab = batch.vocab_size
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            if bool(discarded[i]):
-                continue
-            tokens = [t for t in rows[i] if 0 <= t < vocab]
-            verdict = self.verdicts.row(i, req_id) if self.verdicts is not None else NO_STEP
-            self.steps.after_sampling(req_id, tokens, verdict)
+        tokens = copy_to_host(output_token_ids[:num_reqs], "committed_tokens").numpy() \
+            .astype(np.int64).reshape(num_reqs, -1)
+        committed = (tokens >= 0) & (tokens < batch.vocab_size)  # -1: vLLM's placeholder
+        committed &= ~self.runner.discard_request_mask.np[:num_reqs, None].astype(bool)
+        if (committed[:, 1:] & ~committed[:, :-1]).any():  # vLLM commits a prefix of each row;
+            # should a row ever have a gap, its committed tokens are moved first, in order
+            order = np.argsort(~committed, axis=1, kind="stable")
+            tokens = np.take_along_axis(tokens, order, axis=1)
+        slots = self.batch_slots(num_reqs)
+        req_ids = batch.req_ids[:num_reqs]
+        if self.verdicts is not None:
+            kinds, step_lens = self.verdicts.for_batch(req_ids)
+        else:
+            kinds = np.zeros(num_reqs, dtype=np.int8)
+            step_lens = np.full(num_reqs, NO_LENGTH, dtype=np.int64)
+        self.steps.after_sampling_rows(slots, tokens, committed.sum(axis=1), kinds, step_lens)
         self.metrics.set_tracked(len(self.steps))
 
     # ------------------------------------------------------------------ drafting
-    def draft_row_hints(self) -> list[DraftRowHint]:
-        """What the proposer needs per row of this batch (open step's state, mode, fallback)."""
-        hints = []
-        for req_id in self.runner.input_batch.req_ids[:self.runner.input_batch.num_reqs]:
-            drafts_past_step = self._drafts_past_step(req_id)  # resolves the opt-out first
-            request_state = self.steps.get(req_id)
-            hints.append(DraftRowHint(
-                open_state=request_state.open_state,
-                needs_no_draft=request_state.mode is StepMode.REGENERATING,
-                drafts_past_step=drafts_past_step, opted_out=request_state.opted_out))
-        return hints
+    def draft_rows(self) -> DraftRows:
+        """What the proposer needs of this batch's rows (open step's state, mode, fallback)."""
+        return self.steps.draft_rows(self.batch_slots())
 
     def _first_eos_ends(self, drafts: torch.Tensor) -> torch.Tensor:
         """Per row, the position after its first EOS (0: none), in tensor ops."""
@@ -226,43 +221,37 @@ class SpecGuardRunnerState:
         Requests with ``fallback: speculative`` keep the draft past the step's end: the
         verifier judges the step and verifies the tail token-level (SPECGUARD.md section 4).
         The step ends come from the proposer (found on the device while drafting); the rows,
-        their step ends and first EOS reach the host in one transfer.
+        their step ends, first EOS and lengths reach the host in one transfer, and are cut
+        in array ops; only the lists vLLM's scheduler takes are built per row.
         """
         if not isinstance(drafts, torch.Tensor):
             return drafts
         num_reqs = drafts.shape[0]
-        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        slots = self.batch_slots(num_reqs)
         step_ends = self.runner.drafter.chosen_step_ends
         if step_ends is None or step_ends.shape[0] != num_reqs:
-            step_ends = self.segmenter.step_lengths(drafts, rows_to_device(
-                [[self.steps.get(r).open_state for r in req_ids]], torch.int64, drafts.device)[0])
+            step_ends = self.segmenter.step_lengths(drafts, torch.from_numpy(
+                self.steps.open_state[slots]).to(drafts.device, non_blocking=True))
         # A tail stopped by tail_min_prob: the row's length (the whole row otherwise).
         draft_lens = self.runner.drafter.chosen_draft_lens
         if draft_lens is None or draft_lens.shape[0] != num_reqs:
             draft_lens = drafts.new_full((num_reqs,), drafts.shape[1])
         # vLLM's own SD reads its drafts to the host here too; the step ends ride along.
-        host = read_to_host(torch.cat([drafts.to(torch.int64), step_ends.to(torch.int64).unsqueeze(1),
-                                       self._first_eos_ends(drafts).unsqueeze(1),
-                                       draft_lens.to(torch.int64).unsqueeze(1)], dim=1),
-                            "drafted_rows")
-        rows = []
-        for req_id, row in zip(req_ids, host):
-            *draft, step_end, eos_end, draft_len = row
-            del draft[draft_len:]
-            truncated = self.steps.truncate_draft(
-                req_id, draft, keep_tail=self._drafts_past_step(req_id),
-                step_end=step_end or None, eos_end=eos_end or None)
-            # The proposed step's length (the whole row unless it has a tail), so the verifier
-            # can tell a step the scheduler truncated.
-            step_len = len(truncated.tokens) if truncated.step_len is None else truncated.step_len
-            self.draft_step_lens.record(req_id, step_len)
-            rows.append(truncated.tokens)
-        return rows
+        host = copy_to_host(torch.cat(
+            [drafts.to(torch.int64), step_ends.to(torch.int64).unsqueeze(1),
+             self._first_eos_ends(drafts).unsqueeze(1), draft_lens.to(torch.int64).unsqueeze(1)],
+            dim=1), "drafted_rows").numpy().reshape(num_reqs, -1)
+        width = host.shape[1] - 3
+        lengths, step_lens = self.steps.truncate_rows(slots, host[:, width + 2], host[:, width],
+                                                      host[:, width + 1])
+        # The proposed step's length (the whole row unless it has a tail), so the verifier
+        # can tell a step the scheduler truncated.
+        self.steps.record_proposed(slots, np.where(step_lens == NO_LENGTH, lengths, step_lens))
+        return [row[:n] for row, n in zip(host[:, :width].tolist(), lengths.tolist())]
 
     # ------------------------------------------------------------------ request lifetime
     def forget(self, finished_req_ids) -> None:
         """Drop the state of requests vLLM has finished or aborted."""
         self.steps.forget(finished_req_ids)
-        self.draft_step_lens.forget(finished_req_ids)
         self.runner.drafter.forget(finished_req_ids)
         self.metrics.set_tracked(len(self.steps))

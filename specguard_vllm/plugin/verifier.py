@@ -53,7 +53,7 @@ from specguard_vllm.core.grounding import ragged_step_stats, rollout_grounding_m
 from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.plugin.grounding_capture import tensor_parallel_rank_and_size
 from specguard_vllm.plugin.host_transfer import copy_to_host, rows_to_device
-from specguard_vllm.plugin.step_state import StepMode, StepVerdicts, row_verdict
+from specguard_vllm.plugin.step_state import NO_LENGTH, StepMode, StepVerdicts, row_verdicts
 
 if TYPE_CHECKING:
     from specguard_vllm.plugin.runner_state import SpecGuardRunnerState
@@ -128,33 +128,13 @@ class SpecGuardRejectionSampler(RejectionSampler):
             self.decision_log = f"{self.decision_log}.tp{rank}"
 
     # ---------------------------------------------------------------- per request
-    def _request_params(self, req_ids: list[str]):
-        """tau and beta per row, with validated ``vllm_xargs`` overrides."""
-        taus, betas, speculative = [], [], []
-        for req_id in req_ids:
-            params = self.state.request_params(req_id)
-            taus.append(params.tau)
-            betas.append(params.beta)
-            speculative.append(params.fallback == "speculative")
-        return taus, betas, speculative
-
-    def _in_token_level_mode(self, req_ids: list[str]) -> list[bool]:
-        return [self.state.steps.get(req_id).mode is StepMode.TOKEN_LEVEL for req_id in req_ids]
-
-    def _step_lengths(self, req_ids: list[str], num_drafts: list[int]) -> tuple[list[int], list[int]]:
+    def _step_lengths(self, slots: np.ndarray, num_drafts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row, how many of its scheduled drafts form the step (the rest is a tail), and
         how long the proposed step was: longer than the row when the scheduler truncated it
-        (token budget, ``max_model_len``, grammar validation)."""
-        lengths, proposed = [], []
-        for i, n in enumerate(num_drafts):
-            req_id = req_ids[i] if i < len(req_ids) else None
-            step_len = None
-            if n > 0 and req_id is not None:
-                step_len = self.state.draft_step_lens.take(req_id)
-            step_len = n if step_len is None else step_len
-            lengths.append(min(step_len, n))
-            proposed.append(step_len)
-        return lengths, proposed
+        (token budget, ``max_model_len``, grammar validation). Host arrays."""
+        recorded = self.state.steps.take_proposed(slots, num_drafts > 0)
+        proposed = np.where(recorded == NO_LENGTH, num_drafts, recorded)
+        return np.minimum(proposed, num_drafts), proposed
 
     def _grounding(self, metadata, device, step_lens: list[int], num_drafts_t: torch.Tensor,
                    step_lens_t: torch.Tensor) -> torch.Tensor | None:
@@ -330,20 +310,29 @@ class SpecGuardRejectionSampler(RejectionSampler):
     def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
         num_rows = len(metadata.num_draft_tokens)
         req_ids = list(self.runner.input_batch.req_ids[:num_rows])
+        if len(req_ids) < num_rows:  # dummy / profiling runs: vLLM's own verification
+            self.state.verdicts = None
+            return super().forward(metadata, draft_probs, logits, sampling_metadata)
         n_list = list(metadata.num_draft_tokens)
-        step_lens, proposed = self._step_lengths(req_ids, n_list)
+        table = self.state.steps
+        slots = self.state.batch_slots(num_rows)
+        num_drafts_h = np.asarray(n_list, dtype=np.int64)
+        step_lens_h, proposed = self._step_lengths(slots, num_drafts_h)
+        step_lens = step_lens_h.tolist()
         device = logits.device
-        taus, betas, speculative = self._request_params(req_ids)
         # Which rows are judged as steps is known on the host before the forward's results:
         # rows finishing a rejected step token-level are not judged again, nor are steps the
         # scheduler truncated (fewer drafts scheduled than the step has); those are verified
         # token-level and the step stays open.
-        rows = _RowFacts(n_list, step_lens, proposed, speculative,
-                         self._in_token_level_mode(req_ids))
+        rows = _RowFacts(num_drafts_h, step_lens_h, proposed, table.speculative[slots],
+                         table.mode[slots] == StepMode.TOKEN_LEVEL)
         # Every per-row host fact the device needs, in one non-blocking copy (float64 holds
         # the ints exactly; tau/beta round to float32 as a direct conversion would).
-        knobs = rows_to_device([n_list, step_lens, rows.judged.tolist(), taus, betas],
-                               torch.float64, device)
+        knobs = torch.from_numpy(np.stack([num_drafts_h, step_lens_h, rows.judged,
+                                           table.tau[slots], table.beta[slots]]).astype(np.float64))
+        if device.type == "cuda":
+            knobs = knobs.pin_memory()
+        knobs = knobs.to(device, non_blocking=True)
         num_drafts, step_lens_t, judged_t = knobs[:3].to(torch.int64)
         tau_t, beta_t = knobs[3:].to(torch.float32)
         skipped = self.state.grounding_skipped
@@ -368,11 +357,6 @@ class SpecGuardRejectionSampler(RejectionSampler):
         accepted_h = host_t[0].numpy() != 0.0
         cuts_h = host_t[1].numpy().astype(np.int64)
         outcome = rows.outcome(accepted_h)
-        accepted_list = accepted_h.tolist()
-        token_level_list = outcome.token_level.tolist()
-        truncated_list, judged_list = rows.truncated.tolist(), rows.judged.tolist()
-        cut_list = cuts_h.tolist()
-        l_list, g_list, s_list = host_t[2:].tolist()
 
         # One call of vLLM's sampler for the whole batch, as vLLM's SD makes: accepted steps
         # forced up to their cut (so kept whole, then their tail or the bonus token judged
@@ -400,18 +384,19 @@ class SpecGuardRejectionSampler(RejectionSampler):
         if sampling_metadata.max_num_logprobs is not None:
             logprobs_tensors = self._logprobs(metadata, logits, sampling_metadata, out)
 
-        decisions: list[StepDecision | None] = []
-        for i in range(num_rows):
-            decisions.append(StepDecision(l_list[i], None if skipped else g_list[i], s_list[i],
-                                          bool(accepted_list[i])) if judged_list[i] else None)
         # An accepted step's committed part ends at its cut; a truncated row is no step
         # verdict (its tokens extend the open step, which keeps its mode).
-        self.state.verdicts = StepVerdicts(req_ids, [
-            row_verdict(decisions[i], token_level_list[i] and not truncated_list[i], cut_list[i])
-            for i in range(num_rows)])
+        kinds, verdict_lens = row_verdicts(rows.judged, accepted_h,
+                                           outcome.token_level & ~rows.truncated, cuts_h)
+        self.state.verdicts = StepVerdicts(req_ids, kinds, verdict_lens)
         if self.decision_log:
-            self._log_decisions(req_ids, decisions, metadata.draft_token_ids.tolist(), n_list, step_lens, cut_list,
-                                token_level_list, proposed, truncated_list, out)
+            l_list, g_list, s_list = host_t[2:].tolist()
+            decisions = [StepDecision(l_list[i], None if skipped else g_list[i], s_list[i],
+                                      bool(accepted_h[i])) if rows.judged[i] else None
+                         for i in range(num_rows)]
+            self._log_decisions(req_ids, decisions, metadata.draft_token_ids.tolist(), n_list,
+                                step_lens, cuts_h.tolist(), outcome.token_level.tolist(),
+                                proposed.tolist(), rows.truncated.tolist(), out)
         if self.metrics is not None:
             judged_rows = torch.from_numpy(rows.judged)
             self.metrics.observe_verification(
