@@ -409,14 +409,18 @@ def test_batched_after_sampling_follows_the_rule_token_by_token():
 
 
 def test_verdicts_name_each_rows_outcome_and_ignore_rows_they_did_not_see():
-    from specguard_vllm.core.decision import StepDecision
-    from specguard_vllm.plugin.step_state import StepVerdicts, row_verdict
+    import numpy as np
 
-    accepted, rejected = StepDecision(-0.1, 0.9, 0.8, True), StepDecision(-9.0, 0.1, 0.1, False)
-    assert row_verdict(accepted, token_level=False, step_len=3) == RowVerdict(Verdict.ACCEPTED, 3)
-    assert row_verdict(rejected, token_level=False, step_len=3) == REJECTED
-    assert row_verdict(None, token_level=True, step_len=0) == TOKEN_LEVEL
-    assert row_verdict(None, token_level=False, step_len=0) == NO_STEP
+    from specguard_vllm.plugin.step_state import StepVerdicts, row_verdicts
+
+    # Rows: accepted step, rejected step, verified token-level (judged or not), not judged.
+    kinds, lens = row_verdicts(judged=np.array([True, True, False, True, False]),
+                               accepted=np.array([True, False, False, True, False]),
+                               token_level=np.array([False, False, True, True, False]),
+                               cut=np.array([3, 3, 0, 2, 0]))
+    assert kinds.tolist() == [Verdict.ACCEPTED, Verdict.REJECTED, Verdict.TOKEN_LEVEL,
+                              Verdict.TOKEN_LEVEL, Verdict.NO_STEP]
+    assert lens.tolist() == [3, -1, -1, -1, -1]
     verdicts = StepVerdicts.of(["a", "b"], [REJECTED, RowVerdict(Verdict.ACCEPTED, 2)])
     assert verdicts.row(1, "b") == RowVerdict(Verdict.ACCEPTED, 2)
     assert verdicts.row(1, "a") == NO_STEP and verdicts.row(2, "c") == NO_STEP

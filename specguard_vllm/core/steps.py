@@ -85,7 +85,6 @@ class StepSegmenter:
             if 0 <= eos < vocab_size:
                 table[:, eos] = self.END
         self._table_rows = table.tolist()  # host lookups without numpy scalar overhead
-        self._table_host = table.astype(np.int64)  # batched host lookups (advance_host)
         # Flat [(S + 1) * V], END's row a fresh step's: the step table's host automaton over
         # committed tokens, where a step that ends opens the next one (a state of END after
         # a token means that token ended a step).
@@ -139,13 +138,6 @@ class StepSegmenter:
         if not 0 <= token < self.vocab_size:
             return 0 if state != self.END else state
         return self._table_rows[state][token]
-
-    def advance_host(self, states: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """:meth:`advance` of many rows at once (NumPy ``[R]`` states and tokens)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        in_vocab = (tokens >= 0) & (tokens < self.vocab_size)
-        nxt = self._table_host[states, np.clip(tokens, 0, self.vocab_size - 1)]
-        return np.where(in_vocab, nxt, np.where(states == self.END, states, 0))
 
     def state_after(self, tokens: Sequence[int], state: int = 0) -> int:
         """The state after an open step's tokens (0: a fresh step)."""

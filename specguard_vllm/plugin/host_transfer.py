@@ -1,6 +1,6 @@
 """The engine step's host <-> device traffic, in one place.
 
-``rows_to_device``: the per-request facts the step knows only on the host (request knobs,
+``rows_to_device`` / ``array_to_device``: the per-request facts the step knows only on the host (request knobs,
 step lengths, modes), built as one pinned tensor and copied ``non_blocking``: one launch,
 never a stall (on CUDA a pageable copy is a synchronous one).
 
@@ -18,6 +18,7 @@ import collections
 import contextlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 HOST_READS: collections.Counter[str] = collections.Counter()
@@ -28,6 +29,16 @@ def rows_to_device(rows: Sequence[Sequence[float | int | bool]], dtype: torch.dt
     """``rows`` (equal-length host lists) as one ``[len(rows), B]`` tensor on ``device``."""
     device = torch.device(device)
     host = torch.tensor(rows, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+def array_to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A host NumPy array on ``device``, copied as :func:`rows_to_device` copies (pinned on
+    CUDA, ``non_blocking``); on CPU the tensor shares the array's memory."""
+    device = torch.device(device)
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        host = host.pin_memory()
     return host.to(device, non_blocking=True)
 
 

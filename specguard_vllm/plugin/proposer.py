@@ -51,7 +51,7 @@ from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
 from specguard_vllm.kernels.dispatch import draft_greedy, draft_sample
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
-from specguard_vllm.plugin.host_transfer import rows_to_device, waits_for_device
+from specguard_vllm.plugin.host_transfer import array_to_device, rows_to_device, waits_for_device
 from specguard_vllm.plugin.keyed_sampling import row_stream, uniforms_at
 from specguard_vllm.plugin.row_compaction import RowCompaction
 from specguard_vllm.plugin.step_state import DraftRows
@@ -262,12 +262,9 @@ class SpecGuardDraftProposer(DraftModelProposer):
         cand_host = np.arange(rows) - np.repeat(starts, counts)
         row_streams = streams.reshape(len(req_ids), -1)[np.repeat(np.arange(len(req_ids)), counts),
                                                          cand_host]
-        host = torch.from_numpy(np.concatenate([
+        on_device = array_to_device(np.concatenate([
             counts, batch.opted_out.astype(np.int64), batch.open_states.astype(np.int64),
-            waits.astype(np.int64), row_streams]))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        on_device = host.to(device, non_blocking=True)
+            waits.astype(np.int64), row_streams]), device)
         n = len(req_ids)
         counts_t, greedy_t, states_t, waits_t = on_device[: 4 * n].view(4, n).unbind(0)
         tail_min_prob = self.specguard.specguard.tail_min_prob
@@ -284,7 +281,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
             req_of_row=req_of_row, cand_of_row=cand_of_row, streams=on_device[4 * n:],
             greedy=greedy_t.bool()[req_of_row] if batch.opted_out.any() else None,
             open_states=states_t[req_of_row], waits=waits_t.bool()[req_of_row],
-            request_waits=waits.astype(bool),
+            request_waits=waits,
             tail_stop_below=None if stop_below is None else stop_below[req_of_row])
 
     def _sample(self, logits: torch.Tensor, cand: CandidateRows,

@@ -24,7 +24,7 @@ from specguard_vllm.plugin.grounding_capture import (
     TensorParallelRows,
     grounding_layer_names,
 )
-from specguard_vllm.plugin.host_transfer import copy_to_host
+from specguard_vllm.plugin.host_transfer import array_to_device, copy_to_host
 from specguard_vllm.plugin.request_params import resolve_opt_out, resolve_request_params
 from specguard_vllm.plugin.step_state import NO_LENGTH, DraftRows, StepStateTable, StepVerdicts
 
@@ -230,8 +230,8 @@ class SpecGuardRunnerState:
         slots = self.batch_slots(num_reqs)
         step_ends = self.runner.drafter.chosen_step_ends
         if step_ends is None or step_ends.shape[0] != num_reqs:
-            step_ends = self.segmenter.step_lengths(drafts, torch.from_numpy(
-                self.steps.open_state[slots]).to(drafts.device, non_blocking=True))
+            step_ends = self.segmenter.step_lengths(
+                drafts, array_to_device(self.steps.open_state[slots], drafts.device))
         # A tail stopped by tail_min_prob: the row's length (the whole row otherwise).
         draft_lens = self.runner.drafter.chosen_draft_lens
         if draft_lens is None or draft_lens.shape[0] != num_reqs:

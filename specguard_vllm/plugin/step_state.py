@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from specguard_vllm.config import SpecGuardParams
-from specguard_vllm.core.decision import StepDecision
 from specguard_vllm.core.steps import StepSegmenter
 
 
@@ -96,20 +95,10 @@ class StepVerdicts:
         return kinds, lens
 
 
-def row_verdict(decision: StepDecision | None, token_level: bool, step_len: int) -> RowVerdict:
-    """The verdict of a row: verified token-level, not judged (no step), or judged."""
-    if token_level:
-        return RowVerdict(Verdict.TOKEN_LEVEL)
-    if decision is None:
-        return NO_STEP
-    if decision.accepted:
-        return RowVerdict(Verdict.ACCEPTED, step_len)
-    return RowVerdict(Verdict.REJECTED)
-
-
 def row_verdicts(judged: np.ndarray, accepted: np.ndarray, token_level: np.ndarray,
                  cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`row_verdict` of every row at once (host arrays): ``(kinds, step_lens)``."""
+    """Every row's verdict (host arrays): verified token-level, else not judged (no step),
+    else accepted (its step length: the cut) or rejected. ``(kinds, step_lens)``."""
     kinds = np.where(token_level, Verdict.TOKEN_LEVEL,
                      np.where(judged, np.where(accepted, Verdict.ACCEPTED, Verdict.REJECTED),
                               Verdict.NO_STEP)).astype(np.int8)
@@ -138,12 +127,11 @@ class DraftRows:
                    np.zeros(n, dtype=bool))
 
     @classmethod
-    def of(cls, *, open_states=None, needs_no_draft=None, drafts_past_step=None, opted_out=None,
-           n: int | None = None) -> DraftRows:
+    def of(cls, *, open_states=None, needs_no_draft=None, drafts_past_step=None,
+           opted_out=None) -> DraftRows:
         """From per-row lists (tests); absent fields are the defaults of a fresh request."""
-        n = n if n is not None else len(next(v for v in (open_states, needs_no_draft,
-                                                         drafts_past_step, opted_out)
-                                             if v is not None))
+        n = len(next(v for v in (open_states, needs_no_draft, drafts_past_step, opted_out)
+                     if v is not None))
         base = cls.uniform(n)
         return cls(base.open_states if open_states is None else np.asarray(open_states, np.int64),
                    base.needs_no_draft if needs_no_draft is None else np.asarray(needs_no_draft, bool),

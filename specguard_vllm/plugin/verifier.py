@@ -52,7 +52,7 @@ from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import ragged_step_stats, rollout_grounding_min
 from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.plugin.grounding_capture import tensor_parallel_rank_and_size
-from specguard_vllm.plugin.host_transfer import copy_to_host, rows_to_device
+from specguard_vllm.plugin.host_transfer import array_to_device, copy_to_host, rows_to_device
 from specguard_vllm.plugin.step_state import NO_LENGTH, StepMode, StepVerdicts, row_verdicts
 
 if TYPE_CHECKING:
@@ -328,11 +328,9 @@ class SpecGuardRejectionSampler(RejectionSampler):
                          table.mode[slots] == StepMode.TOKEN_LEVEL)
         # Every per-row host fact the device needs, in one non-blocking copy (float64 holds
         # the ints exactly; tau/beta round to float32 as a direct conversion would).
-        knobs = torch.from_numpy(np.stack([num_drafts_h, step_lens_h, rows.judged,
-                                           table.tau[slots], table.beta[slots]]).astype(np.float64))
-        if device.type == "cuda":
-            knobs = knobs.pin_memory()
-        knobs = knobs.to(device, non_blocking=True)
+        knobs = array_to_device(np.stack([num_drafts_h, step_lens_h, rows.judged,
+                                          table.tau[slots], table.beta[slots]]).astype(np.float64),
+                                device)
         num_drafts, step_lens_t, judged_t = knobs[:3].to(torch.int64)
         tau_t, beta_t = knobs[3:].to(torch.float32)
         skipped = self.state.grounding_skipped
