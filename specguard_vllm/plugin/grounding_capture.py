@@ -149,6 +149,23 @@ class TensorParallelRows:
         self.rows = self.prefix_lens = self.step_index = None
 
 
+@dataclass(frozen=True)
+class GroundingTiming:
+    """Host seconds plus the (start, end) CUDA events of each grounding layer's launches.
+
+    Read :attr:`seconds` only after a host read that waited for the device (the verifier's
+    one ``verify_results`` read): by then every event has completed, so no event is
+    synchronised here (a ``cudaEventSynchronize`` before the decision kernels are queued
+    would idle the device, and the sync-debug mode does not see it)."""
+
+    cpu_seconds: float
+    events: list
+
+    @property
+    def seconds(self) -> float:
+        return self.cpu_seconds + sum(start.elapsed_time(end) for start, end in self.events) / 1e3
+
+
 class GroundingCapture:
     """Armed by the runner for one target forward; filled by the attention hook.
 
@@ -173,18 +190,12 @@ class GroundingCapture:
         self.layout_checked = False  # grounding_selfcheck, once per engine
         self.kernel_checked = False
 
-    @property
-    def seconds(self) -> float:
-        """Time spent computing grounding statistics (the scorer's overhead) since the reset."""
-        gpu = 0.0
-        for start, end in self._events:
-            end.synchronize()
-            gpu += start.elapsed_time(end) / 1e3
-        return self._cpu_seconds + gpu
-
-    @seconds.setter
-    def seconds(self, value: float) -> None:
-        self._cpu_seconds, self._events = float(value), []
+    def take_timing(self) -> GroundingTiming:
+        """The grounding time of the layers captured since the last take (the scorer's
+        overhead), to be read once the device has run them; starts a new count."""
+        timing = GroundingTiming(self._cpu_seconds, self._events)
+        self._cpu_seconds, self._events = 0.0, []
+        return timing
 
     def arm(self, num_draft_tokens: list[int]) -> None:
         m = len(self.layer_positions)

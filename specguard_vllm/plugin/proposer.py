@@ -616,7 +616,7 @@ class SpecGuardDraftProposer(DraftModelProposer):
         """Set ``index[r]`` (device) to the chosen row of each request ``r`` of ``requests``
         (host indices, k candidates each); nothing to do for none."""
         if requests.size:
-            on_device = torch.from_numpy(requests).to(index.device, non_blocking=True)
+            on_device = array_to_device(requests, index.device)
             index[on_device] = self._choose_among(tokens, logprobs, step_ends, cand, on_device)
 
     def _choose_among(self, tokens: torch.Tensor, logprobs: torch.Tensor, step_ends: torch.Tensor,

@@ -57,7 +57,11 @@ class SpecGuardRunnerState:
             tokenizer, config.specguard.step_delimiters, vocab_size=vocab_size)
         self.steps = StepStateTable(self.segmenter, config.specguard, resolve=self._resolve,
                                     capacity=runner.vllm_config.scheduler_config.max_num_seqs)
-        self._eos_ids: dict[torch.device, torch.Tensor] = {}
+        # On the runner's device from the start: built inside the first engine step, the
+        # transition table (states x vocabulary) and the EOS ids were blocking pageable copies.
+        self.segmenter.table_on(runner.device)
+        self._eos_ids: dict[torch.device, torch.Tensor] = {runner.device: torch.tensor(
+            sorted(self.segmenter.eos_token_ids), dtype=torch.int64, device=runner.device)}
         self.verdicts: StepVerdicts | None = None  # this engine step's, from the verifier
         self.capture: GroundingCapture | None = None  # built on the first verification
         self.grounding_skipped = False  # this forward's rows all have beta = 1: no capture

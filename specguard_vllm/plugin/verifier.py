@@ -126,6 +126,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         self.decision_log = os.environ.get("SPECGUARD_DECISION_LOG") or None
         if self.decision_log and rank > 0:
             self.decision_log = f"{self.decision_log}.tp{rank}"
+        self._grounding_timing = None  # this step's, taken by _grounding (see GroundingTiming)
 
     # ---------------------------------------------------------------- per request
     def _step_lengths(self, slots: np.ndarray, num_drafts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,9 +161,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
             pm = masses[:, rows].permute(1, 0, 2)  # [B, m, n_max]
             blk = blocks[:, rows.unsqueeze(-1), cols].permute(1, 0, 2, 3)  # [B, m, n_max, n_max]
             g_min = rollout_grounding_min(pm, blk, step_lens_t.to(src)).to(device)
-        if self.metrics is not None:
-            self.metrics.add_grounding_time(capture.seconds)
-        capture.seconds = 0.0
+        self._grounding_timing = capture.take_timing()  # read after the step's host read
         capture.clear()
         return g_min
 
@@ -352,6 +351,9 @@ class SpecGuardRejectionSampler(RejectionSampler):
         # holds the flag, the cut and the float32 scores exactly); the rest is host-known.
         host_t = copy_to_host(torch.stack([v.to(torch.float64) for v in (
             accepted, cut, l_min, g_min, score)]), "verify_results")
+        timing, self._grounding_timing = self._grounding_timing, None
+        if timing is not None and self.metrics is not None:  # its events ran before that read
+            self.metrics.add_grounding_time(timing.seconds)
         accepted_h = host_t[0].numpy() != 0.0
         cuts_h = host_t[1].numpy().astype(np.int64)
         outcome = rows.outcome(accepted_h)
