@@ -14,6 +14,8 @@ full scan; on CUDA the fused kernel replaces it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -63,3 +65,73 @@ def draft_greedy_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
     tokens = logits.argmax(dim=-1)
     return tokens, token_logprobs(logits, tokens)
+
+
+class DraftRowState(NamedTuple):
+    """The draft loop's per-row state that one position updates in place (the proposer's
+    ``_LiveRows`` holds it), shared by the fused kernel and this reference."""
+
+    open: torch.Tensor  # [R] bool: the row's step has not ended yet
+    open_pushes: torch.Tensor  # [R] int64: its tokens that left the step open
+    states: torch.Tensor | None = None  # [R] int64: its step automaton state (None: none)
+    tail_open: torch.Tensor | None = None  # [R] bool: its tail still grows (None: never stops)
+    kept: torch.Tensor | None = None  # [R] int64: how many of its tokens are kept
+    stop_below: torch.Tensor | None = None  # [R] float32: a tail token below this ends it
+
+
+class StepTable(NamedTuple):
+    """The step segmenter's automaton as one flat transition table on the device."""
+
+    flat: torch.Tensor  # [(S + 1) * vocab] int64: next state of (state, token)
+    vocab: int
+    end: int  # the absorbing state: the step has ended
+
+
+def update_rows_ref(tokens: torch.Tensor, logprobs: torch.Tensor, rows: DraftRowState,
+                    table: StepTable | None, *, all_tails: bool = False) -> None:
+    """What one drafted position does to each row's state, in place.
+
+    A row whose tail still grows keeps this token; a tail token of log-prob below the row's
+    ``stop_below`` ends its tail (that token kept: Hugging Face's
+    assistant_confidence_threshold rule), a step token never does (``open`` is read before
+    the automaton moves). Then the automaton takes the token: ``open`` turns False once the
+    step has ended (END is absorbing) and ``open_pushes`` counts the tokens that left it
+    open, so a row's step end is that count plus one. ``all_tails``: known on the host that
+    every row is past its step, so neither the step test nor the automaton runs.
+    """
+    if rows.tail_open is not None:
+        rows.kept.add_(rows.tail_open)
+        confident = torch.ge(logprobs, rows.stop_below)
+        if not all_tails:
+            confident |= rows.open
+        rows.tail_open &= confident
+    if table is not None and not all_tails:
+        torch.index_select(table.flat, 0, rows.states * table.vocab + tokens, out=rows.states)
+        torch.ne(rows.states, table.end, out=rows.open)
+        rows.open_pushes.add_(rows.open)
+
+
+def draft_position_ref(logits: torch.Tensor, uniforms: torch.Tensor | None,
+                       greedy: torch.Tensor | None, rows: DraftRowState, table: StepTable | None,
+                       *, temperature: float, u_rows: torch.Tensor | None = None, u_col: int = 0,
+                       all_open: bool = False, all_tails: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [R], logprobs [R])`` of one draft position, and the rows' state moved on
+    (:func:`update_rows_ref`): the fused kernel does both in one launch.
+
+    A row is drawn at ``temperature`` by its keyed uniform ``uniforms[u_rows[r], u_col]``
+    (``u_rows`` None: row r's), unless it is greedy: set in ``greedy`` (SpecGuard off), or
+    past its step's end (its tail, as token-level SD drafts). ``all_open``: known on the
+    host that no row's step has ended, so only ``greedy`` counts; ``all_tails``: every row
+    is past its step (all greedy, no automaton). Temperature 0: every row greedy.
+    """
+    if all_tails or not temperature > 0.0:
+        tokens, logprobs = draft_greedy_ref(logits)
+    else:
+        if not all_open:
+            ended = ~rows.open
+            greedy = ended if greedy is None else ended | greedy
+        u = uniforms[:, u_col] if u_rows is None else uniforms[u_rows, u_col]
+        tokens, logprobs = draft_sample_ref(logits, u, greedy, temperature=temperature)
+    update_rows_ref(tokens, logprobs, rows, table, all_tails=all_tails)
+    return tokens, logprobs

@@ -31,6 +31,25 @@ def _strict(function):
     return wrapped
 
 
+def _refuse_event_waits_when_strict() -> None:
+    """CUDA event and stream waits bypass the sync-debug check (cudaEventSynchronize is not
+    instrumented), so under the strict mode they raise here too, except inside the named
+    reads (``host_transfer.waits_for_device`` lifts the mode there)."""
+    import torch
+
+    def guarded(function, what):
+        @functools.wraps(function)
+        def wait(*args, **kwargs):
+            if torch.cuda.get_sync_debug_mode() == 2:
+                raise RuntimeError(f"{what} inside SpecGuard's engine step, outside a named read")
+            return function(*args, **kwargs)
+        return wait
+
+    torch.cuda.Event.synchronize = guarded(torch.cuda.Event.synchronize, "Event.synchronize")
+    torch.cuda.Stream.synchronize = guarded(torch.cuda.Stream.synchronize, "Stream.synchronize")
+    torch.cuda.synchronize = guarded(torch.cuda.synchronize, "torch.cuda.synchronize")
+
+
 def main() -> int:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the runner in this process
     target, config_path, draft = sys.argv[1:4]
@@ -50,6 +69,7 @@ def main() -> int:
     greedy = SamplingParams(temperature=0.0, max_tokens=48)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], greedy, use_tqdm=False)  # warm-up
 
+    _refuse_event_waits_when_strict()
     for owner, name in ((proposer.SpecGuardDraftProposer, "propose"),
                         (verifier.SpecGuardRejectionSampler, "forward"),
                         (grounding_capture.GroundingCapture, "on_attention"),
