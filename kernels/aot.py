@@ -59,9 +59,18 @@ def variants(arch: int, full: bool):
                    dict(ce, MS_PAD=n_pad), warps)
         yield (f"step_logprob[{dt}]", ml._step_logprob_kernel,
                dict(f32, logits_ptr=dt), {"HAS_ROWS": True, "BLOCK_V": 2048, "N_PAD": 32}, 8)
-        yield (f"draft_sample[{dt}]", ds._draft_sample_kernel,
-               dict(f32, logits_ptr=dt, u_ptr="fp32", greedy_ptr="i1", tok_ptr="i64"),
-               {"HAS_GREEDY": True, "BLOCK_V": 1024}, 4)
+        position = dict(f32, logits_ptr=dt, u_ptr="fp32", u_rows_ptr="i64", greedy_ptr="i1",
+                        tok_ptr="i64", open_ptr="i1", pushes_ptr="i64", states_ptr="i64",
+                        table_ptr="i64", tail_ptr="i1", kept_ptr="i64", below_ptr="fp32")
+        off = {"SAMPLE": True, "HAS_GREEDY": True, "U_ROWS": False, "STEP_GREEDY": False,
+               "ADVANCE": False, "TAIL": False, "TAIL_IN_STEP": False, "BLOCK_V": 1024}
+        yield (f"draft_sample[{dt}]", ds._draft_position_kernel, position, off, 4)
+        # A whole draft position: keyed draws by row index, step greedy, tails, automaton.
+        yield (f"draft_position[{dt}]", ds._draft_position_kernel, position,
+               dict(off, U_ROWS=True, STEP_GREEDY=True, ADVANCE=True, TAIL=True,
+                    TAIL_IN_STEP=True), 4)
+        yield (f"draft_tails[{dt}]", ds._draft_position_kernel, position,
+               dict(off, SAMPLE=False, HAS_GREEDY=False, TAIL=True), 4)
 
 
 def compile_all(targets: list[tuple[str, int, int]], full: bool = False) -> list[str]:

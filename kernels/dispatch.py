@@ -19,12 +19,13 @@ from typing import TypeVar
 import torch
 
 from .kv_layout import k_cache_view
-from .draft_sampling_ref import draft_greedy_ref, draft_sample_ref
+from .draft_sampling_ref import draft_greedy_ref, draft_position_ref, draft_sample_ref
 from .min_logprob_ref import step_min_logprob_ref
 from .step_grounding_ref import step_grounding_stats_ref, step_head_share_rows_ref
 from .workspace import GroundingWorkspace
 
-__all__ = ["GroundingWorkspace", "disable_triton", "draft_greedy", "draft_sample", "k_cache_view",
+__all__ = ["GroundingWorkspace", "disable_triton", "draft_greedy", "draft_position", "draft_sample",
+           "k_cache_view",
            "step_grounding_stats",
            "step_head_share_rows", "step_min_logprob", "use_triton"]
 
@@ -84,3 +85,6 @@ step_min_logprob = triton_on_cuda(step_min_logprob_ref, ".min_logprob", "step_mi
 draft_sample = triton_on_cuda(draft_sample_ref, ".draft_sampling", "draft_sample_triton")
 # ``(tokens [R], logprobs [R])``: a position where every row is a greedy tail.
 draft_greedy = triton_on_cuda(draft_greedy_ref, ".draft_sampling", "draft_greedy_triton")
+# ``(tokens [R], logprobs [R])`` of a whole draft position, the rows' state moved on in place
+# (tail stop, step automaton): one launch on CUDA.
+draft_position = triton_on_cuda(draft_position_ref, ".draft_sampling", "draft_position_triton")

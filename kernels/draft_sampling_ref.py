@@ -104,7 +104,7 @@ def update_rows_ref(tokens: torch.Tensor, logprobs: torch.Tensor, rows: DraftRow
         confident = torch.ge(logprobs, rows.stop_below)
         if not all_tails:
             confident |= rows.open
-        rows.tail_open &= confident
+        rows.tail_open.bitwise_and_(confident)
     if table is not None and not all_tails:
         torch.index_select(table.flat, 0, rows.states * table.vocab + tokens, out=rows.states)
         torch.ne(rows.states, table.end, out=rows.open)

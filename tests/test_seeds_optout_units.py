@@ -63,6 +63,28 @@ def proposer(requests=None, *, k=4, temperature=0.7, config_seed=0, engine_seed=
     return p
 
 
+def sample(p, logits, cand, positions, past=None):
+    """One draft position of ``cand``'s rows as the draft loop drafts it (``_LiveRows.draft``)
+    at their ``positions``; ``past``: rows already past their step's end (greedy tails)."""
+    from specguard_vllm.plugin.proposer import _LiveRows
+
+    live = _LiveRows.start(None, cand, positions, cand.req_of_row.numpy())
+    if past is not None:
+        live.open.copy_(~past)
+    return live.draft(logits, p._draws(live, 1), 0, p.specguard.specguard.draft_temperature,
+                      all_open=past is None)
+
+
+def advance(live, tokens, logprobs=None, *, all_tails=False):
+    """What one drafted position does to the live rows' state, for given tokens and
+    log-probs: the reference of the draft kernel's state update (``draft`` draws the tokens
+    first, then makes exactly this update)."""
+    from specguard_vllm.kernels.draft_sampling_ref import update_rows_ref
+
+    lp = torch.zeros(tokens.shape[0]) if logprobs is None else logprobs
+    update_rows_ref(tokens, lp, live.row_state(), live.table, all_tails=all_tails)
+
+
 def request(seed=None, prompt=(1, 2, 3), extra_args=None, temperature=0.8):
     return SimpleNamespace(prompt_token_ids=list(prompt), sampling_params=SimpleNamespace(
         seed=seed, extra_args=extra_args, temperature=temperature))
@@ -149,12 +171,12 @@ def test_sampling_draws_each_row_from_its_own_key_whatever_the_batch():
     batch = DraftRows.of(opted_out=[False, True, False])
     cand = p._candidate_rows(batch, ["r0", "r1", "r2"], 4, torch.device("cpu"))
     positions = torch.tensor([7, 9, 12], dtype=torch.int64)[cand.req_of_row]
-    tokens, logprobs = p._sample(logits[cand.req_of_row], cand, positions)
+    tokens, logprobs = sample(p, logits[cand.req_of_row], cand, positions)
     assert tokens[4].item() == logits[1].argmax().item()  # the opted-out row: greedy
     assert torch.allclose(logprobs, torch.log_softmax(logits[cand.req_of_row], -1)
                           .gather(1, tokens.unsqueeze(1)).squeeze(1))
     alone = p._candidate_rows(DraftRows.uniform(1), ["r2"], 4, torch.device("cpu"))
-    tokens_alone, _ = p._sample(logits[2:].repeat(4, 1), alone, torch.full((4,), 12))
+    tokens_alone, _ = sample(p, logits[2:].repeat(4, 1), alone, torch.full((4,), 12))
     assert tokens_alone.tolist() == tokens[5:].tolist()
 
 
@@ -165,9 +187,9 @@ def test_rows_past_their_step_end_draft_greedily_and_the_rest_keep_their_draws()
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3)) * 2
     cand = p._candidate_rows(DraftRows.uniform(2), ["r0", "r1"], 4, torch.device("cpu"))
     positions = torch.full((8,), 5, dtype=torch.int64)
-    sampled, _ = p._sample(logits, cand, positions)
+    sampled, _ = sample(p, logits, cand, positions)
     past = torch.tensor([True, False, False, True, False, True, False, False])
-    tokens, logprobs = p._sample(logits, cand, positions, greedy=past)
+    tokens, logprobs = sample(p, logits, cand, positions, past=past)
     argmax = logits.argmax(dim=-1)
     assert torch.equal(tokens, torch.where(past, argmax, sampled))
     assert sampled.ne(argmax).any()  # at T = 0.7 some draws are not the argmax
@@ -180,7 +202,7 @@ def test_sampled_tokens_follow_the_tempered_draft_distribution():
     p = proposer(requests, k=1, temperature=0.5)
     logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, -30.0]])
     cand = p._candidate_rows(DraftRows.uniform(n), list(requests), 1, torch.device("cpu"))
-    tokens, _ = p._sample(logits.expand(n, -1), cand, torch.zeros(n, dtype=torch.int64))
+    tokens, _ = sample(p, logits.expand(n, -1), cand, torch.zeros(n, dtype=torch.int64))
     freq = torch.bincount(tokens, minlength=5).float() / n
     expected = torch.softmax(logits[0] / 0.5, -1)
     assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
@@ -298,18 +320,18 @@ def test_a_request_is_done_once_every_candidate_that_waits_has_ended_its_step():
                            np.array([0, 0, 1, 1]))
     poll = StepEndPoll(torch.device("cpu"), 2)
     assert poll.post(live).tolist() == [False, False] and poll.all_open
-    assert live.past_step(poll.all_open) is None and live.ends.tolist() == [0, 0, 0, 0]
-    live.push(torch.tensor([2, 0, 2, 2]))
+    assert live.greedy is None and live.ends.tolist() == [0, 0, 0, 0]
+    advance(live, torch.tensor([2, 0, 2, 2]))
     assert live.requests_done(2).tolist() == [False, True]
     assert poll.post(live).tolist() == [False, True] and not poll.all_open
-    assert live.past_step(poll.all_open).tolist() == [True, False, True, True]
-    live.push(torch.tensor([0, 2, 0, 0]))  # END is absorbing: ended rows keep their end
+    assert (~live.open).tolist() == [True, False, True, True]  # drafted greedily now
+    advance(live, torch.tensor([0, 2, 0, 0]))  # END is absorbing: ended rows keep their end
     assert live.requests_done(2).tolist() == [True, True] and live.ends.tolist() == [1, 2, 1, 1]
     assert poll.post(live).tolist() == [True, True]
     # Narrowed to rows 1 and 2: the dropped rows' step ends are kept.
     narrow = live.narrowed(torch.tensor([1, 2]), np.array([0, 1]))
     assert narrow.row_ids().tolist() == [1, 2] and narrow.full_ends().tolist() == [1, 2, 1, 1]
-    narrow.push(torch.tensor([0, 0]))
+    advance(narrow, torch.tensor([0, 0]))
     assert narrow.requests_done(2).tolist() == [True, True]
     assert narrow.full_ends().tolist() == [1, 2, 1, 1]
     idle = p._candidate_rows(DraftRows.of(needs_no_draft=[True]), ["a"], 2, torch.device("cpu"))
@@ -335,7 +357,7 @@ def kept_by_rule(step_end: int | None, logprobs: list[float], threshold: float) 
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_a_tail_stops_after_its_first_unsure_token_and_narrowing_keeps_the_counts(data):
-    """_LiveRows' three in-place ops per position give the rule above for every row (step
+    """A drafted position's state update gives the rule above for every row (step
     tokens never stop a row, an opted-out row is never stopped), also across a narrowing
     and when the last positions are known on the host to be all tails."""
     from specguard_vllm.plugin.proposer import TailPoll, _LiveRows
@@ -362,8 +384,8 @@ def test_a_tail_stops_after_its_first_unsure_token_and_narrowing_keeps_the_count
         ids = live.row_ids().tolist()
         column = torch.tensor([logprobs[r][pos] for r in ids], dtype=torch.float32)
         tails_only = all(step_ends[r] is not None and step_ends[r] <= pos for r in ids)
-        live.keep_or_stop(column, all_tails=tails_only and data.draw(st.booleans()))
-        live.push(torch.tensor([tokens[r][pos] for r in ids]))
+        advance(live, torch.tensor([tokens[r][pos] for r in ids]), column,
+                all_tails=tails_only and data.draw(st.booleans()))
     expected = [kept_by_rule(None if r == 2 else step_ends[r], logprobs[r], threshold)
                 for r in range(rows)]  # row 2 is the opted-out request's
     expected[1] = kept_by_rule(step_ends[1], logprobs[1][:narrow_at], threshold)

@@ -49,7 +49,8 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from specguard_vllm.core.selector import select_candidates_batched
 from specguard_vllm.core.steps import StepSegmenter
-from specguard_vllm.kernels.dispatch import draft_greedy, draft_sample
+from specguard_vllm.kernels.dispatch import draft_position
+from specguard_vllm.kernels.draft_sampling_ref import DraftRowState, StepTable
 from specguard_vllm.plugin.config_bridge import specguard_from_additional_config, trust_engine_pair
 from specguard_vllm.plugin.host_transfer import array_to_device, rows_to_device, waits_for_device
 from specguard_vllm.plugin.keyed_sampling import row_stream, uniforms_at
@@ -284,25 +285,15 @@ class SpecGuardDraftProposer(DraftModelProposer):
             request_waits=waits,
             tail_stop_below=None if stop_below is None else stop_below[req_of_row])
 
-    def _sample(self, logits: torch.Tensor, cand: CandidateRows,
-                positions: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
-                greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens at draft_temperature and their raw (T=1) draft log-probs, one per row.
-
-        Inverse-CDF sampling of all rows at once, each from its own keyed uniform
-        (``positions``: the position whose logits these are; ``uniforms``: the rows'
-        draws there when the caller computed them already), so a request's draws depend
-        only on it. Rows set in ``greedy`` (default: ``cand.greedy``) take the argmax.
-        (With every row a tail the draft loop takes the argmax itself and reads no log-prob:
-        the selector compares a step's own log-probs only.)
+    def _draws(self, live: _LiveRows, positions: int) -> torch.Tensor | None:
+        """Every row's keyed uniforms at its next ``positions`` draft positions, ``[R, K]``
+        (None at draft_temperature 0: nothing is sampled). A row's draws depend only on its
+        stream and position (keyed_sampling), so a request's tokens do not depend on the batch.
         """
-        temperature = self.specguard.specguard.draft_temperature
-        greedy = cand.greedy if greedy is None else greedy
-        if temperature > 0.0:  # one fused kernel on CUDA (kernels/draft_sampling.py), which
-            # reads fp16/bf16 logits as they are: no float32 copy of the rows first
-            u = uniforms_at(cand.streams, positions) if uniforms is None else uniforms
-            return draft_sample(logits, u, greedy, temperature=temperature)
-        return draft_greedy(logits)
+        if not self.specguard.specguard.draft_temperature > 0.0:
+            return None
+        return uniforms_at(live.streams.unsqueeze(1), live.positions.unsqueeze(1)
+                           + torch.arange(positions, device=live.positions.device))
 
     def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The draft's logits over the tokenizer's ids only (columns past it are padding rows).
@@ -481,16 +472,12 @@ class SpecGuardDraftProposer(DraftModelProposer):
         tokens_out = torch.zeros(cand.rows, K, dtype=torch.int64, device=hidden.device)
         logprobs_out = torch.zeros(cand.rows, K, dtype=torch.float32, device=hidden.device)
         kept = cand.starts_t.clone()  # each request's chosen row (set as requests are chosen)
-        # Every row's draws at the K positions, hashed once for the call ([R, K]).
-        uniforms = uniforms_at(cand.streams.unsqueeze(1), live.positions.unsqueeze(1)
-                               + torch.arange(K, device=hidden.device)) \
-            if self.specguard.specguard.draft_temperature > 0.0 else None
-        token, lp = self._sample(first_logits[cand.req_of_row], live,
-                                 uniforms=live.column(uniforms, 0))
+        uniforms = self._draws(live, K)  # every row's draws at the K positions, hashed once
+        temperature = self.specguard.specguard.draft_temperature
+        token, lp = live.draft(first_logits[cand.req_of_row], uniforms, 0, temperature,
+                               all_open=True)
         live.write(0, token, lp)
         length = 1
-        live.keep_or_stop(lp)
-        live.push(token)
         drafted_rows = cand.rows  # row-positions sampled, the first pass's included (metrics)
         poll = StepEndPoll(hidden.device, num_reqs)
         tails = TailPoll(hidden.device) if cand.tail_stop_below is not None else None
@@ -563,16 +550,14 @@ class SpecGuardDraftProposer(DraftModelProposer):
                 if compaction.all_tails:
                     if tails is None:
                         token = logits.argmax(dim=-1)
-                    else:
-                        token, lp = draft_greedy(logits)
-                        live.keep_or_stop(lp, all_tails=True)
+                    else:  # the tails' stop only: no draw, no automaton
+                        token, _ = live.draft(logits, None, step, temperature, all_tails=True)
                     live.write(step, token, None)
                 else:
-                    token, lp = self._sample(logits, live, uniforms=live.column(uniforms, step),
-                                             greedy=live.past_step(poll.all_open))
+                    # One launch on CUDA: the draws, the tails' stop, the step automaton.
+                    token, lp = live.draft(logits, uniforms, step, temperature,
+                                           all_open=poll.all_open)
                     live.write(step, token, lp)
-                    live.keep_or_stop(lp)
-                    live.push(token)
                 length = step + 1
                 drafted_rows += rows
 
@@ -675,10 +660,12 @@ class _LiveRows:
     step ends of rows dropped earlier are kept in ``dropped_ends``. The automaton's END is
     absorbing, so a row's step end is counted rather than tracked: ``open`` says whether
     its step is still open, ``open_pushes`` how many of its tokens left it open (the step
-    ends at that count plus one); a position costs one gather and two small ops per row.
+    ends at that count plus one). :meth:`draft` moves every field of a position on in
+    place (one launch on CUDA), so the host's NumPy views of ``open`` / ``tail_open`` stay
+    valid for the row set.
     """
 
-    segmenter: StepSegmenter | None
+    table: StepTable | None  # the segmenter's automaton on the rows' device (None: none)
     rows: torch.Tensor | None  # [Ra] int64: candidate row of each live row
     req: torch.Tensor  # [Ra] int64: its request
     req_host: np.ndarray  # [Ra] int64: the same, on the host
@@ -687,7 +674,7 @@ class _LiveRows:
     positions: torch.Tensor  # [Ra] int64: where its draws of this call start
     states: torch.Tensor  # [Ra] int64: step automaton state
     open: torch.Tensor  # [Ra] bool: its step has not ended yet
-    open_pushes: torch.Tensor  # [Ra] int64: tokens pushed that left its step open
+    open_pushes: torch.Tensor  # [Ra] int64: its drafted tokens that left its step open
     waits: torch.Tensor  # [Ra] bool: its request waits for this row's step to end
     request_waits: np.ndarray  # [B] bool, host: per request (see CandidateRows)
     dropped_ends: torch.Tensor  # [R] int64: step ends of every candidate row, as last flushed
@@ -707,9 +694,13 @@ class _LiveRows:
     def start(cls, segmenter, cand: CandidateRows, positions: torch.Tensor,
               req_host: np.ndarray) -> _LiveRows:
         stops = cand.tail_stop_below is not None
-        return cls(segmenter=segmenter, rows=None, req=cand.req_of_row, req_host=req_host,
-                   streams=cand.streams, greedy=cand.greedy, positions=positions,
-                   states=cand.open_states, open=torch.ones_like(cand.waits),
+        device = cand.open_states.device
+        table = None if segmenter is None else StepTable(
+            segmenter.table_on(device).view(-1), segmenter.vocab_size, segmenter.END)
+        return cls(table=table, rows=None, req=cand.req_of_row,
+                   req_host=req_host, streams=cand.streams, greedy=cand.greedy,
+                   positions=positions, states=cand.open_states.clone(),  # moved on in place
+                   open=torch.ones_like(cand.waits),
                    open_pushes=torch.zeros_like(cand.open_states), waits=cand.waits,
                    request_waits=cand.request_waits,
                    dropped_ends=torch.zeros_like(cand.open_states),
@@ -718,20 +709,26 @@ class _LiveRows:
                    stop_below=cand.tail_stop_below,
                    dropped_kept=torch.zeros_like(cand.open_states) if stops else None)
 
-    def keep_or_stop(self, logprobs: torch.Tensor, all_tails: bool = False) -> None:
-        """Count this position's tokens into the drafts whose tail still goes on, then stop
-        the tails whose token the draft gave a log-prob below ``stop_below`` (that token is
-        kept: Hugging Face's assistant_confidence_threshold rule). A step token never stops
-        a row. Call before :meth:`push` (``open`` still says whether the token is in the
-        step); ``all_tails``: known on the host that every live row is past its step.
-        Three in-place ops; a row's draft length depends only on its own log-probs."""
-        if self.tail_open is None:
-            return
-        self.kept += self.tail_open
-        confident = torch.ge(logprobs, self.stop_below)
-        if not all_tails:
-            confident |= self.open
-        self.tail_open &= confident  # in place: see tail_open_host
+    def row_state(self) -> DraftRowState:
+        """The live rows' drafting state, which :meth:`draft` moves on in place."""
+        return DraftRowState(open=self.open, open_pushes=self.open_pushes, states=self.states,
+                             tail_open=self.tail_open, kept=self.kept, stop_below=self.stop_below)
+
+    def draft(self, logits: torch.Tensor, uniforms: torch.Tensor | None, step: int,
+              temperature: float, *, all_open: bool = False, all_tails: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The live rows' tokens and log-probs at draft position ``step`` (their logits),
+        with their state moved on in place (``kernels.draft_sampling_ref.update_rows_ref``):
+        a row is drawn by its keyed uniform ``uniforms[row, step]`` at ``temperature``,
+        unless greedy (SpecGuard off, or past its step's end: its tail); a tail token the
+        draft is unsure of stops the row (tail_min_prob); the step automaton takes the
+        token. ``all_open`` / ``all_tails``: known on the host that no row's step has ended
+        / every row is past it. One kernel launch on CUDA; a row's tokens, kept count and
+        step end depend only on its own logits and draws."""
+        return draft_position(logits, uniforms, self.greedy, self.row_state(),
+                              None if all_tails else self.table, temperature=temperature,
+                              u_rows=self.rows, u_col=step, all_open=all_open,
+                              all_tails=all_tails)
 
     def tail_open_host(self) -> np.ndarray:
         """``tail_open`` on the host (CPU tensor): a NumPy view made once per row set."""
@@ -745,21 +742,9 @@ class _LiveRows:
             return self.kept
         return self.dropped_kept.index_copy(0, self.rows, self.kept)
 
-    def push(self, tokens: torch.Tensor) -> None:
-        """Advance each row's step automaton by its token drafted at the next position.
-
-        The tokens are the draft's own samples, below ``proposable_ids`` (at most the
-        segmenter's vocabulary, see the runner's SpecGuard state), so the unchecked
-        one-gather advance applies."""
-        if self.segmenter is None:
-            return
-        self.states = self.segmenter.advance_drafted(self.states, tokens)
-        torch.ne(self.states, self.segmenter.END, out=self.open)  # in place: see open_host
-        self.open_pushes += self.open
-
     def open_host(self) -> np.ndarray:
         """``open`` on the host, for a CPU tensor: a NumPy view made once for this row set
-        (``push`` updates ``open`` in place), so a poll reads it without a tensor op."""
+        (:meth:`draft` updates ``open`` in place), so a poll reads it without a tensor op."""
         if self._open_view is None:
             self._open_view = self.open.numpy()
         return self._open_view
@@ -769,15 +754,6 @@ class _LiveRows:
         """``[Ra]`` int64: each live row's step end (its length up to and including the
         delimiter; 0: not ended yet)."""
         return torch.where(self.open, 0, self.open_pushes + 1)
-
-    def past_step(self, all_open: bool = False) -> torch.Tensor | None:
-        """``[Ra]`` bool: rows drafted greedily now, those whose step has ended (their tail)
-        and those drafted greedily throughout (SpecGuard off). ``all_open``: known on the
-        host that no row's step has ended, so only the latter (None: no row at all)."""
-        if all_open:
-            return self.greedy
-        ended = ~self.open
-        return ended if self.greedy is None else ended | self.greedy
 
     def requests_done(self, num_reqs: int) -> torch.Tensor:
         """``[B]`` bool on the device: every live row of the request that waits for its
@@ -796,12 +772,6 @@ class _LiveRows:
         if self.rows is None:
             return self.ends
         return self.dropped_ends.index_copy(0, self.rows, self.ends)
-
-    def column(self, per_row: torch.Tensor | None, step: int) -> torch.Tensor | None:
-        """Column ``step`` of an ``[R, K]`` tensor over the call's rows, for the live rows."""
-        if per_row is None:
-            return None
-        return per_row[:, step] if self.rows is None else per_row[self.rows, step]
 
     def write(self, step: int, token: torch.Tensor, lp: torch.Tensor | None) -> None:
         """Column ``step`` of the live rows (no log-probs, None: tails only, left at 0), kept

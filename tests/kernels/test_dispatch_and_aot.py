@@ -37,7 +37,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_a_gpu(tmp_path):
                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
-    for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob", "draft_sample"):
+    for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob", "draft_sample",
+                   "draft_position", "draft_tails"):
         for arch in ("sm_90", "sm_80"):
             assert any(kernel in line and arch in line for line in out.stdout.splitlines()), \
                 f"{kernel} not compiled for {arch}"

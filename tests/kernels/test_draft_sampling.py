@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from specguard_vllm.kernels.draft_sampling import draft_greedy_triton, draft_sample_triton
 from specguard_vllm.kernels.draft_sampling_ref import draft_greedy_ref, draft_sample_ref
@@ -128,3 +128,146 @@ def test_all_greedy_position_gives_the_greedy_rows_bits(device, rows, vocab, dty
     assert torch.equal(tokens.cpu()[mixed_greedy], mixed[0].cpu()[mixed_greedy])
     assert torch.equal(logprobs.cpu()[mixed_greedy], mixed[1].cpu()[mixed_greedy])
     assert torch.allclose(logprobs.cpu(), ref_logprobs, atol=1e-5)
+
+
+def _row_state(gen, rows: int, num_states: int, *, all_open: bool, tails: bool, automaton: bool):
+    """A random, consistent drafting state: open exactly where the automaton is not at END."""
+    from specguard_vllm.kernels.draft_sampling_ref import DraftRowState
+
+    end = num_states
+    states = torch.randint(0, num_states + 1, (rows,), generator=gen)
+    if all_open:
+        states = states.clamp(max=num_states - 1)
+    open_ = states != end
+    return DraftRowState(
+        open=open_, open_pushes=torch.randint(0, 5, (rows,), generator=gen),
+        states=states if automaton else None,
+        tail_open=(torch.rand(rows, generator=gen) < 0.7) if tails else None,
+        kept=torch.randint(0, 5, (rows,), generator=gen) if tails else None,
+        stop_below=torch.tensor([-float("inf"), -0.5, -2.0])[
+            torch.randint(0, 3, (rows,), generator=gen)] if tails else None)
+
+
+def _cloned(rows, device=None):
+    from specguard_vllm.kernels.draft_sampling_ref import DraftRowState
+
+    return DraftRowState(*[None if t is None else t.clone().to(device or t.device) for t in rows])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@example(rows=7, vocab=64, temperature=0.7, fixed_greedy=True, indexed=True, all_open=False,
+         all_tails=False, tails=True, automaton=True, seed=1)  # every branch at once
+@example(rows=7, vocab=64, temperature=0.7, fixed_greedy=False, indexed=False, all_open=False,
+         all_tails=True, tails=True, automaton=True, seed=2)
+@given(rows=st.integers(1, 7), vocab=st.sampled_from([5, 64, 300]),
+       temperature=st.sampled_from([0.0, 0.7, 1.3]), fixed_greedy=st.booleans(),
+       indexed=st.booleans(), all_open=st.booleans(), all_tails=st.booleans(),
+       tails=st.booleans(), automaton=st.booleans(), seed=st.integers(0, 2**16))
+def test_draft_position_kernel_moves_the_rows_on_as_the_reference_does(
+        device, rows, vocab, temperature, fixed_greedy, indexed, all_open, all_tails, tails,
+        automaton, seed):
+    """One launch for a draft position against the reference's ~20 ops: the same tokens away
+    from a CDF boundary, the same log-probs, and, for the tokens it drew, exactly the state
+    the reference's update gives (tail kept/stopped, automaton step, open flags, step-end
+    counts); greedy rows (SpecGuard off, past their step, temperature 0, all tails) take
+    the first argmax."""
+    from specguard_vllm.kernels.draft_sampling import draft_position_triton
+    from specguard_vllm.kernels.draft_sampling_ref import (
+        StepTable, draft_position_ref, update_rows_ref)
+
+    if all_tails:
+        all_open = False
+    gen = torch.Generator().manual_seed(seed)
+    num_states = 4
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    flat = torch.randint(0, num_states + 1, ((num_states + 1) * vocab,), generator=gen)
+    flat[num_states * vocab:] = num_states  # END is absorbing
+    table = StepTable(flat, vocab, num_states) if automaton else None
+    state = _row_state(gen, rows, num_states, all_open=all_open, tails=tails,
+                       automaton=automaton)
+    greedy = (torch.rand(rows, generator=gen) < 0.3) if fixed_greedy else None
+    source_rows = rows + 3
+    uniforms = torch.rand(source_rows, 6, generator=gen).clamp(min=1e-6)
+    u_rows = torch.randperm(source_rows, generator=gen)[:rows] if indexed else None
+    if not indexed:
+        uniforms = uniforms[:rows]
+    u_col = int(torch.randint(0, 6, (1,), generator=gen))
+    kwargs = dict(temperature=temperature, u_col=u_col, all_open=all_open, all_tails=all_tails)
+
+    want_state = _cloned(state)
+    want_tokens, want_lp = draft_position_ref(logits, uniforms, greedy, want_state, table,
+                                              u_rows=u_rows, **kwargs)
+    got_state = _cloned(state, device)
+    on = (lambda t: None if t is None else t.to(device))
+    got_tokens, got_lp = draft_position_triton(
+        logits.to(device), on(uniforms), on(greedy), got_state,
+        None if table is None else StepTable(flat.to(device), vocab, num_states),
+        u_rows=on(u_rows), block_v=16, **kwargs)
+    got_tokens, got_lp = got_tokens.cpu(), got_lp.cpu()
+    got_state = _cloned(got_state, "cpu")
+
+    # The state the kernel left is the reference's update for the tokens it drew.
+    replayed = _cloned(state)
+    update_rows_ref(got_tokens, got_lp, replayed, table, all_tails=all_tails)
+    for name, got, want in zip(DraftRowState_fields(), got_state, replayed):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert torch.equal(got, want), name
+    torch.testing.assert_close(
+        got_lp, torch.log_softmax(logits, -1).gather(1, got_tokens[:, None]).squeeze(1),
+        atol=2e-5, rtol=1e-5)
+    greedy_rows = torch.zeros(rows, dtype=torch.bool) if greedy is None else greedy.clone()
+    if not all_open:
+        greedy_rows |= ~state.open
+    if all_tails or temperature == 0.0:
+        greedy_rows[:] = True
+    assert torch.equal(got_tokens[greedy_rows], logits.argmax(-1)[greedy_rows])
+    if temperature > 0.0 and not all_tails:  # sampled rows: the reference's draw off a boundary
+        u = uniforms[:, u_col] if u_rows is None else uniforms[u_rows, u_col]
+        lower, upper, _, total = tempered_intervals(logits, want_tokens, temperature)
+        target = u.double() * total
+        clear = ((target - lower > 1e-5) & (upper - target > 1e-5)) | greedy_rows
+        assert torch.equal(got_tokens[clear], want_tokens[clear])
+    else:
+        assert torch.equal(got_tokens, want_tokens)
+    if torch.equal(got_tokens, want_tokens):
+        for got, want in zip(got_state, want_state):
+            assert got is None or torch.equal(got, want)
+
+
+def DraftRowState_fields():  # noqa: N802 - the NamedTuple's field names, for messages
+    from specguard_vllm.kernels.draft_sampling_ref import DraftRowState
+
+    return DraftRowState._fields
+
+
+def test_draft_position_reference_is_the_loop_it_replaces():
+    """The reference is what the proposer's loop did position by position: the column of
+    keyed draws, greedy past the step, draft_sample, then the tail rule and the automaton
+    step (written out here with plain tensor ops)."""
+    from specguard_vllm.kernels.draft_sampling_ref import (
+        StepTable, draft_position_ref, draft_sample_ref)
+
+    gen = torch.Generator().manual_seed(5)
+    rows, vocab, num_states = 6, 40, 3
+    logits = torch.randn(rows, vocab, generator=gen) * 2
+    flat = torch.randint(0, num_states + 1, ((num_states + 1) * vocab,), generator=gen)
+    flat[num_states * vocab:] = num_states
+    state = _row_state(gen, rows, num_states, all_open=False, tails=True, automaton=True)
+    fixed = torch.tensor([False, True, False, False, True, False])
+    uniforms = torch.rand(9, 4, generator=gen)
+    u_rows = torch.tensor([8, 0, 3, 1, 5, 2])
+    got_state = _cloned(state)
+    tokens, lp = draft_position_ref(logits, uniforms, fixed, got_state,
+                                    StepTable(flat, vocab, num_states), temperature=0.7,
+                                    u_rows=u_rows, u_col=2)
+    want_tokens, want_lp = draft_sample_ref(logits, uniforms[u_rows, 2], fixed | ~state.open,
+                                            temperature=0.7)
+    assert torch.equal(tokens, want_tokens) and torch.equal(lp, want_lp)
+    kept = state.kept + state.tail_open
+    tail_open = state.tail_open & ((lp >= state.stop_below) | state.open)
+    states = flat[state.states * vocab + tokens]
+    assert torch.equal(got_state.kept, kept) and torch.equal(got_state.tail_open, tail_open)
+    assert torch.equal(got_state.states, states)
+    assert torch.equal(got_state.open, states != num_states)
+    assert torch.equal(got_state.open_pushes, state.open_pushes + (states != num_states))
