@@ -193,8 +193,10 @@ def draft_position_triton(logits: torch.Tensor, uniforms: torch.Tensor | None,
     _check_logits(logits)
     n = logits.shape[0]
     sample = temperature > 0.0 and not all_tails
-    if sample and (uniforms is None or uniforms.dim() != 2 or uniforms.dtype != torch.float32):
-        raise ValueError("sampled rows need uniforms: a float32 [rows, positions] tensor")
+    if sample and (uniforms is None or uniforms.dim() != 2 or uniforms.dtype != torch.float32
+                   or (uniforms.stride(1) != 1 and uniforms.shape[1] > 1)):
+        raise ValueError("sampled rows need uniforms: a float32 [rows, positions] tensor with "
+                         "unit stride over positions")
     if sample and u_rows is None and uniforms.shape[0] != n:
         raise ValueError(f"uniforms must have one row per logits row ({n}) unless u_rows is given")
     for name, t, dtype in (("open", rows.open, torch.bool), ("open_pushes", rows.open_pushes, torch.int64),

@@ -271,3 +271,29 @@ def test_draft_position_reference_is_the_loop_it_replaces():
     assert torch.equal(got_state.states, states)
     assert torch.equal(got_state.open, states != num_states)
     assert torch.equal(got_state.open_pushes, state.open_pushes + (states != num_states))
+
+
+def test_draft_position_wrapper_names_what_is_wrong(device):
+    from specguard_vllm.kernels.draft_sampling import draft_position_triton
+    from specguard_vllm.kernels.draft_sampling_ref import DraftRowState
+
+    logits = torch.randn(3, 10, device=device)
+    rows = DraftRowState(open=torch.ones(3, dtype=torch.bool, device=device),
+                         open_pushes=torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="need uniforms"):
+        draft_position_triton(logits, None, None, rows, None, temperature=0.7)
+    with pytest.raises(ValueError, match="unit stride"):
+        draft_position_triton(logits, torch.rand(4, 3, device=device).t(), None, rows, None,
+                              temperature=0.7)
+    with pytest.raises(ValueError, match="open_pushes must be"):
+        draft_position_triton(logits, torch.rand(3, 4, device=device), None,
+                              rows._replace(open_pushes=rows.open_pushes.int()), None,
+                              temperature=0.7)
+    with pytest.raises(ValueError, match="needs the rows' states"):
+        from specguard_vllm.kernels.draft_sampling_ref import StepTable
+        draft_position_triton(logits, torch.rand(3, 4, device=device), None, rows,
+                              StepTable(torch.zeros(20, dtype=torch.int64, device=device), 10, 1),
+                              temperature=0.7)
+    with pytest.raises(ValueError, match="one row per logits row"):
+        draft_position_triton(logits, torch.rand(5, 4, device=device), None, rows, None,
+                              temperature=0.7)
