@@ -57,6 +57,9 @@ def variants(arch: int, full: bool):
             yield (f"grounding_pass1[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass1, io, ce, warps)
             yield (f"grounding_pass2[{dt},n{n_pad},g{g_pad}]", sg._grounding_pass2, io,
                    dict(ce, MS_PAD=n_pad), warps)
+            yield (f"head_share[{dt},n{n_pad},g{g_pad}]", sg._head_share_pass,
+                   dict(io, out_ptr="fp32"), {k: v for k, v in ce.items() if k != "S_BLOCK"},
+                   warps)
         yield (f"step_logprob[{dt}]", ml._step_logprob_kernel,
                dict(f32, logits_ptr=dt), {"HAS_ROWS": True, "BLOCK_V": 2048, "N_PAD": 32}, 8)
         position = dict(f32, logits_ptr=dt, u_ptr="fp32", u_rows_ptr="i64", greedy_ptr="i1",

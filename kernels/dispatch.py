@@ -72,9 +72,10 @@ step_grounding_stats = triton_on_cuda(step_grounding_stats_ref, ".step_grounding
                                       "step_grounding_stats_triton")
 
 # Tensor parallelism: this rank's heads' share of each step row's head average, unthresholded
-# (the verifier sums the shares over the TP group, then thresholds). PyTorch on every device:
-# the Triton kernel fuses the threshold into its second pass, which needs all heads (TP=1).
-step_head_share_rows = step_head_share_rows_ref
+# (the verifier sums the shares over the TP group, then thresholds): pass 1 and a head-share
+# pass on CUDA (the TP=1 kernel fuses the threshold into its second pass, which needs all heads).
+step_head_share_rows = triton_on_cuda(step_head_share_rows_ref, ".step_grounding",
+                                      "step_head_share_rows_triton")
 
 # ``(token_logprobs [T], min_logprob [B])``: log p(draft token) and each step's minimum.
 # ``max_step_len`` sizes the kernel's grid; ``counters`` (int32 zeros, one per step) is its

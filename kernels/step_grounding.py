@@ -260,6 +260,49 @@ def _grounding_pass2(
                  mask=tok_ok[:, None] & (j < max_step_len)[None, :])
 
 
+@triton.jit
+def _head_share_pass(
+    q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, lse_ptr, out_ptr,
+    s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_lt, s_ot,
+    scale_log2, inv_heads, page_size, group, num_kv_heads, head_dim, num_splits,
+    N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Tensor parallelism's second pass: this rank's heads' share of every step row's head
+    average over one chunk of keys, written out unthresholded (``out[row, key]``); the
+    verifier sums the ranks' rows, then thresholds. Pass 1 gave each (row, head) its
+    normaliser over all keys."""
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    row0, n, seq_len, chunk, start, end = _request_chunk(cu_ptr, seq_lens_ptr, b, split,
+                                                         num_splits, BLOCK_N)
+    if (n <= 0) | (start >= end):
+        return
+    prefix_len = seq_len - n
+    i, g, row_ok = _step_query_rows(n, group, N_PAD, G_PAD)
+    row_lim = prefix_len + i + 1
+    d = tl.arange(0, D_PAD)
+    d_ok = d < head_dim
+    q_row = tl.load(qs_ptr + b)
+    tok = tl.arange(0, N_PAD)  # step token of each output row
+    tok_ok = tok < n
+    out_row = out_ptr + (row0 + tok).to(tl.int64)[:, None] * s_ot
+    for t0 in range(start, end, BLOCK_N):
+        pos = t0 + tl.arange(0, BLOCK_N)
+        pos_ok = pos < end
+        ok = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] < row_lim[:, None])
+        acc = tl.zeros([N_PAD, BLOCK_N], tl.float32)
+        for kvh in range(num_kv_heads):
+            head = kvh * group + g
+            q = _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST)
+            lse = tl.load(lse_ptr + (row0 + i).to(tl.int64) * s_lt + head, mask=row_ok, other=0.0)
+            s = _tile_scores(q, k_ptr, bt_ptr + b * s_bt, pos, pos_ok, kvh, page_size,
+                             s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            acc += tl.sum(tl.reshape(p, [N_PAD, G_PAD, BLOCK_N]), 1)
+        tl.store(out_row + pos[None, :], acc * inv_heads, mask=tok_ok[:, None] & pos_ok[None, :])
+
+
 def require_index_tensors(device: torch.device, **tensors: torch.Tensor | None) -> None:
     """Raise unless every given index tensor is int32/int64 on ``device`` (the kernels load
     them as integers from that device's memory)."""
@@ -293,28 +336,10 @@ def tile_config(rows: int) -> tuple[int, int]:
     return block_n, (4 if rows * block_n <= 8192 and rows <= 64 else 8)
 
 
-def step_grounding_stats_triton(
-    query: torch.Tensor,
-    k_view: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_step_lens: torch.Tensor,
-    *,
-    scale: float,
-    sparsity: float,
-    max_step_len: int,
-    query_start: torch.Tensor | None = None,
-    workspace: GroundingWorkspace | None = None,
-    num_splits: int | None = None,
-    block_n: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the two grounding kernels for one layer; see ``step_grounding_ref`` for the contract.
-
-    No host synchronisation happens here (only shapes are read), so the call can
-    be captured in a CUDA graph; the grid depends on ``seq_lens.numel()`` and
-    ``num_splits`` only. Returns ``(workspace.prefix_mass, workspace.block)``:
-    rows ``cu[b]:cu[b+1]`` belong to request b, other rows are left untouched.
-    """
+def _normalisers(query, k_view, block_table, seq_lens, cu_step_lens, *, scale: float,
+                 max_step_len: int, query_start, workspace, num_splits, block_n) -> dict:
+    """Check one layer's inputs and launch pass 1 (each step row's per-head normaliser over
+    every key, into the workspace); returns what the second pass's launch needs."""
     if query.dim() != 3 or k_view.dim() != 4:
         raise ValueError(f"query must be [T, H, D] and k_view [blocks, block_size, kv_heads, D]; "
                          f"got {tuple(query.shape)} and {tuple(k_view.shape)}")
@@ -360,21 +385,90 @@ def step_grounding_stats_triton(
     default_block_n, num_warps = (256, 4) if interpreting() else tile_config(n_pad * g_pad)
     block_n = block_n or default_block_n
     common = {"N_PAD": n_pad, "G_PAD": g_pad, "D_PAD": d_pad, "BLOCK_N": block_n,
-              "S_BLOCK": S_BLOCK, "UPCAST": interpreting(), "num_warps": num_warps}
+              "UPCAST": interpreting(), "num_warps": num_warps}
     scale_log2 = float(scale) * LOG2E
-    cnt_heads, cnt_rows = ws.counters[: ws.max_batch * num_heads], ws.counters[ws.max_batch * num_heads:]
+    cnt_heads = ws.counters[: ws.max_batch * num_heads]
     # Per-(row, split) scratch, viewed densely for this launch's number of splits.
     s_mt, s_mh = num_heads * num_splits, num_splits
     _grounding_pass1[(batch, num_kv_heads, num_splits)](
         query, k_view, block_table, seq_lens, cu_step_lens, query_start, ws.part_max, ws.part_sum,
         ws.lse, cnt_heads,
         *query.stride(), *k_view.stride(), block_table.stride(0), s_mt, s_mh, ws.lse.stride(0),
-        scale_log2, page_size, group, num_kv_heads, head_dim, num_splits, **common)
-    _grounding_pass2[(batch, num_splits)](
-        query, k_view, block_table, seq_lens, cu_step_lens, query_start, ws.lse, ws.row_sums,
+        scale_log2, page_size, group, num_kv_heads, head_dim, num_splits, S_BLOCK=S_BLOCK,
+        **common)
+    return {"ws": ws, "batch": batch, "num_splits": num_splits, "query_start": query_start,
+            "common": common, "scale_log2": scale_log2, "page_size": page_size, "group": group,
+            "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
+
+
+def step_grounding_stats_triton(
+    query: torch.Tensor,
+    k_view: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_step_lens: torch.Tensor,
+    *,
+    scale: float,
+    sparsity: float,
+    max_step_len: int,
+    query_start: torch.Tensor | None = None,
+    workspace: GroundingWorkspace | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the two grounding kernels for one layer; see ``step_grounding_ref`` for the contract.
+
+    No host synchronisation happens here (only shapes are read), so the call can
+    be captured in a CUDA graph; the grid depends on ``seq_lens.numel()`` and
+    ``num_splits`` only. Returns ``(workspace.prefix_mass, workspace.block)``:
+    rows ``cu[b]:cu[b+1]`` belong to request b, other rows are left untouched.
+    """
+    p = _normalisers(query, k_view, block_table, seq_lens, cu_step_lens, scale=scale,
+                     max_step_len=max_step_len, query_start=query_start, workspace=workspace,
+                     num_splits=num_splits, block_n=block_n)
+    ws, num_splits, num_heads = p["ws"], p["num_splits"], p["num_heads"]
+    cnt_rows = ws.counters[ws.max_batch * num_heads:]
+    _grounding_pass2[(p["batch"], num_splits)](
+        query, k_view, block_table, seq_lens, cu_step_lens, p["query_start"], ws.lse, ws.row_sums,
         ws.block_kept, ws.block_avg, ws.prefix_mass, ws.block, cnt_rows,
         *query.stride(), *k_view.stride(), block_table.stride(0), ws.lse.stride(0),
         4 * num_splits, ws.block_kept.stride(0), ws.block.stride(0),
-        scale_log2, 1.0 / num_heads, float(sparsity), page_size, group, num_kv_heads, head_dim,
-        num_splits, ws.max_step_len, MS_PAD=next_pow2(ws.max_step_len), **common)
+        p["scale_log2"], 1.0 / num_heads, float(sparsity), p["page_size"], p["group"],
+        p["num_kv_heads"], p["head_dim"], num_splits, ws.max_step_len,
+        MS_PAD=next_pow2(ws.max_step_len), S_BLOCK=S_BLOCK, **p["common"])
     return ws.prefix_mass, ws.block
+
+
+def step_head_share_rows_triton(
+    query: torch.Tensor,
+    k_view: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_step_lens: torch.Tensor,
+    *,
+    scale: float,
+    total_heads: int,
+    out: torch.Tensor,
+    max_step_len: int,
+    query_start: torch.Tensor | None = None,
+    workspace: GroundingWorkspace | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Tensor parallelism's rows for one layer in two launches (pass 1, then the head-share
+    pass) and a fill; the contract of ``step_grounding_ref.step_head_share_rows_ref``. No
+    host sync and no loop over requests: ``max_step_len`` (host) bounds the steps."""
+    if out.dim() != 2 or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"out must be a float32 [rows, keys] tensor with unit stride over keys; "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    p = _normalisers(query, k_view, block_table, seq_lens, cu_step_lens, scale=scale,
+                     max_step_len=max_step_len, query_start=query_start, workspace=workspace,
+                     num_splits=num_splits, block_n=block_n)
+    out.zero_()  # keys past a request's context, and rows of no step, read as 0
+    ws = p["ws"]
+    _head_share_pass[(p["batch"], p["num_splits"])](
+        query, k_view, block_table, seq_lens, cu_step_lens, p["query_start"], ws.lse, out,
+        *query.stride(), *k_view.stride(), block_table.stride(0), ws.lse.stride(0), out.stride(0),
+        p["scale_log2"], 1.0 / total_heads, p["page_size"], p["group"], p["num_kv_heads"],
+        p["head_dim"], p["num_splits"], **p["common"])
+    return out

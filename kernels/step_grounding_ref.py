@@ -85,7 +85,9 @@ def step_head_share_rows_ref(
     scale: float,
     total_heads: int,
     out: torch.Tensor,
+    max_step_len: int | None = None,
     query_start: torch.Tensor | None = None,
+    workspace: GroundingWorkspace | None = None,
 ) -> torch.Tensor:
     """This rank's share of every step row's head-averaged attention, before thresholding.
 
@@ -95,6 +97,8 @@ def step_head_share_rows_ref(
     the TP group and thresholds them (``core.grounding.ragged_step_stats``). Same inputs as
     ``step_grounding_stats_ref``; ``out [>= T_step, >= max(seq_lens)]`` fp32 receives row
     ``cu[b] + i`` of request b in columns ``:seq_lens[b]``, zeros after. Returns ``out``.
+    ``max_step_len`` (host) and ``workspace`` size the Triton launch; the reference loops
+    over the requests instead and reads their lengths to the host.
     """
     for b, n, seq_len, row, q_at in _step_requests(cu_step_lens, seq_lens, query_start):
         out[row: row + n, :seq_len] = step_head_average(

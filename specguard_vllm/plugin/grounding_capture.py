@@ -124,13 +124,20 @@ class TensorParallelRows:
             num_layers, max_rows, rows.max_keys, FP32_BYTES)
         return rows
 
-    def begin(self, cu: torch.Tensor, seq_lens: torch.Tensor, num_draft_tokens: list[int]) -> None:
-        """Size this forward's buffer and each row's (|S|, position in step), once per forward."""
+    def begin(self, cu: torch.Tensor, n: torch.Tensor, seq_lens: torch.Tensor,
+              num_draft_tokens: list[int], max_seq_len: int | None) -> None:
+        """Size this forward's buffer and each row's (|S|, position in step), once per forward.
+
+        ``cu`` / ``n``: the step rows' offsets and counts (``[B + 1]``, ``[0, n_0, ...]``,
+        already on the device); ``max_seq_len``: the forward's longest context, known on the
+        host (vLLM's attention metadata), so the buffer is sized without reading the device
+        (a long prefill without drafts widens it, within the max_model_len bound)."""
         device = self._storage.device
         total = sum(num_draft_tokens)
-        n = torch.tensor(num_draft_tokens, dtype=torch.int64, device=device)
+        n = n[1:].to(device=device, dtype=torch.int64)
         seq = seq_lens.to(device=device, dtype=torch.int64)
-        keys = int(torch.where(n > 0, seq, 0).max())  # a long prefill without drafts adds none
+        keys = min(self.max_keys, max_seq_len) if max_seq_len is not None \
+            else int(torch.where(n > 0, seq, 0).max())  # backends without it: a CPU read
         need = self.num_layers * total * keys
         if need > self._storage.numel():
             # Doubling keeps regrowth rare as contexts lengthen; the bound caps it.
@@ -240,7 +247,8 @@ class GroundingCapture:
                      else attn_metadata.block_table_tensor)
             self._indices = (cu, query_start, attn_metadata.seq_lens[:num_reqs], table[:num_reqs])
             if self.tensor_parallel is not None:
-                self.tensor_parallel.begin(cu, self._indices[2], n_list)
+                self.tensor_parallel.begin(cu, n, self._indices[2], n_list,
+                                           getattr(attn_metadata, "max_seq_len", None))
         return self._indices
 
     def _workspace(self, position: int, num_heads: int, step: int, device: torch.device):
@@ -291,9 +299,12 @@ class GroundingCapture:
             from specguard_vllm.kernels.dispatch import step_head_share_rows
 
             total_heads = query.shape[1] * self.tensor_parallel.world_size
+            step = max(self.tensor_parallel.max_step_len, 1)
             self.batch.head_shares[position] = step_head_share_rows(
                 *args, scale=float(impl.scale), total_heads=total_heads,
-                out=self.tensor_parallel.rows[position], query_start=query_start)
+                out=self.tensor_parallel.rows[position], max_step_len=step,
+                query_start=query_start,
+                workspace=self._workspace(position, query.shape[1], step, query.device))
         if on_gpu:
             end.record()
             self._events.append((start, end))

@@ -38,7 +38,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_a_gpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     for kernel in ("grounding_pass1", "grounding_pass2", "step_logprob", "draft_sample",
-                   "draft_position", "draft_tails"):
+                   "draft_position", "draft_tails", "head_share"):
         for arch in ("sm_90", "sm_80"):
             assert any(kernel in line and arch in line for line in out.stdout.splitlines()), \
                 f"{kernel} not compiled for {arch}"

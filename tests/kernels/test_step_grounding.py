@@ -195,3 +195,47 @@ def test_launch_wrapper_rejects_mismatched_inputs(device):
                                     case.cu_step_lens[:1], **kw)
     with pytest.raises(ValueError, match="unknown attention backend"):
         k_cache_view(case.kv_cache, "XFORMERS", 32)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    num_kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([16, 32]),
+    block_size=st.sampled_from([8, 16]),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    steps=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 70)), min_size=1, max_size=3),
+    world_size=st.sampled_from([1, 2, 4]),
+    num_splits=st.integers(1, 3),
+    block_n=st.sampled_from([16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_tensor_parallel_head_shares_match_the_reference(
+    device, num_kv_heads, group, head_dim, block_size, dtype, layout, steps, world_size,
+    num_splits, block_n, seed,
+):
+    """TP > 1: this rank's heads' share of every step row's head average (pass 1 plus the
+    head-share pass, no loop over requests) equals the reference's per-request loop, zeros
+    past each row's context included (the buffer comes in dirty)."""
+    from specguard_vllm.kernels.step_grounding import step_head_share_rows_triton
+    from specguard_vllm.kernels.step_grounding_ref import step_head_share_rows_ref
+
+    case = make_grounding_case(
+        [n for n, _ in steps], [c for _, c in steps], num_heads=num_kv_heads * group,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, dtype=dtype,
+        layout=layout, device=device, q_gain=2.0, seed=seed)
+    rows, keys = max(case.num_step_tokens, 1), int(case.seq_lens.max()) + 5
+    total_heads = num_kv_heads * group * world_size
+    kw = dict(scale=case.scale, total_heads=total_heads, query_start=case.query_start)
+    want = step_head_share_rows_ref(*case.args, out=torch.full((rows, keys), 7.0, device=device),
+                                    **kw)
+    got = step_head_share_rows_triton(
+        *case.args, out=torch.full((rows, keys), 7.0, device=device),
+        max_step_len=case.max_step_len, num_splits=num_splits, block_n=block_n, **kw)
+    t = case.num_step_tokens
+    torch.testing.assert_close(got[:t].cpu(), want[:t].cpu(), atol=2e-6, rtol=1e-4)
+    # Over all the ranks' heads (world_size copies of these) a row sums to 1 on its keys.
+    if t:
+        torch.testing.assert_close(got[:t].sum(-1).cpu() * world_size,
+                                   torch.ones(t), atol=1e-4, rtol=1e-4)
