@@ -264,7 +264,7 @@ def _grounding_pass2(
 def _head_share_pass(
     q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, lse_ptr, out_ptr,
     s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_bt, s_lt, s_ot,
-    scale_log2, inv_heads, page_size, group, num_kv_heads, head_dim, num_splits,
+    scale_log2, inv_heads, page_size, group, num_kv_heads, head_dim, num_splits, out_cols,
     N_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -300,7 +300,9 @@ def _head_share_pass(
                              s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             acc += tl.sum(tl.reshape(p, [N_PAD, G_PAD, BLOCK_N]), 1)
-        tl.store(out_row + pos[None, :], acc * inv_heads, mask=tok_ok[:, None] & pos_ok[None, :])
+        # Never past the buffer's columns (sized from a host bound of the contexts).
+        tl.store(out_row + pos[None, :], acc * inv_heads,
+                 mask=tok_ok[:, None] & (pos_ok & (pos < out_cols))[None, :])
 
 
 def require_index_tensors(device: torch.device, **tensors: torch.Tensor | None) -> None:
@@ -470,5 +472,5 @@ def step_head_share_rows_triton(
         query, k_view, block_table, seq_lens, cu_step_lens, p["query_start"], ws.lse, out,
         *query.stride(), *k_view.stride(), block_table.stride(0), ws.lse.stride(0), out.stride(0),
         p["scale_log2"], 1.0 / total_heads, p["page_size"], p["group"], p["num_kv_heads"],
-        p["head_dim"], p["num_splits"], **p["common"])
+        p["head_dim"], p["num_splits"], out.shape[1], **p["common"])
     return out

@@ -163,8 +163,8 @@ def test_two_rank_captures_reduced_by_the_verifier_equal_one_rank(monkeypatch):
                                block_table=case.block_table)
     impl = SimpleNamespace(head_size=case.query.shape[2], scale=case.scale)
 
-    def filled(capture, query, kv_cache):
-        capture.arm(steps)
+    def filled(capture, query, kv_cache, widest=None):
+        capture.arm(steps, widest)
         for name in layers:
             capture.on_attention(name, impl, query, kv_cache, metadata)
         assert capture.complete_for(steps)
@@ -177,6 +177,15 @@ def test_two_rank_captures_reduced_by_the_verifier_equal_one_rank(monkeypatch):
              for r in range(2)]
     widest_step_context = max(c + s for c, s in zip(ctxs, steps) if s)
     assert all(c.tensor_parallel.rows.shape == (2, sum(steps), widest_step_context) for c in ranks)
+    # Given the host's bound of that context (the engine's optimistic lengths), the buffer
+    # takes it without reading the device, and a wider bound only pads keys with zeros.
+    padded = filled(GroundingCapture(layers, 0.01, "CPU_ATTN",
+                                     TensorParallelRows(2, 2, 64, 512, torch.device("cpu"))),
+                    case.query[:, :2], case.kv_cache[:, :1], widest=widest_step_context + 7)
+    assert padded.tensor_parallel.rows.shape == (2, sum(steps), widest_step_context + 7)
+    torch.testing.assert_close(padded.tensor_parallel.rows[..., :widest_step_context],
+                               ranks[0].tensor_parallel.rows, rtol=0, atol=0)
+    assert not padded.tensor_parallel.rows[..., widest_step_context:].any()
     total = ranks[0].tensor_parallel.rows + ranks[1].tensor_parallel.rows
     reductions = []
 

@@ -125,19 +125,19 @@ class TensorParallelRows:
         return rows
 
     def begin(self, cu: torch.Tensor, n: torch.Tensor, seq_lens: torch.Tensor,
-              num_draft_tokens: list[int], max_seq_len: int | None) -> None:
+              num_draft_tokens: list[int], widest_step_context: int | None) -> None:
         """Size this forward's buffer and each row's (|S|, position in step), once per forward.
 
         ``cu`` / ``n``: the step rows' offsets and counts (``[B + 1]``, ``[0, n_0, ...]``,
-        already on the device); ``max_seq_len``: the forward's longest context, known on the
-        host (vLLM's attention metadata), so the buffer is sized without reading the device
-        (a long prefill without drafts widens it, within the max_model_len bound)."""
+        already on the device); ``widest_step_context``: an upper bound, known on the host,
+        of the longest context among the requests with drafts (a long prefill without drafts
+        adds none), so the buffer is sized without reading the device; None: read it."""
         device = self._storage.device
         total = sum(num_draft_tokens)
         n = n[1:].to(device=device, dtype=torch.int64)
         seq = seq_lens.to(device=device, dtype=torch.int64)
-        keys = min(self.max_keys, max_seq_len) if max_seq_len is not None \
-            else int(torch.where(n > 0, seq, 0).max())  # backends without it: a CPU read
+        keys = min(self.max_keys, widest_step_context) if widest_step_context is not None \
+            else int(torch.where(n > 0, seq, 0).max())
         need = self.num_layers * total * keys
         if need > self._storage.numel():
             # Doubling keeps regrowth rare as contexts lengthen; the bound caps it.
@@ -192,6 +192,7 @@ class GroundingCapture:
         self.armed = False
         self.workspaces: dict[int, object] = {}  # grounding layer position -> GroundingWorkspace
         self._indices: tuple | None = None  # (cu, query_start, seq_lens, block_table) this forward
+        self.widest_step_context: int | None = None  # host bound, this forward (see arm)
         self._cpu_seconds = 0.0
         self._events: list[tuple] = []  # (start, end) CUDA events of each layer's launches
         self.layout_checked = False  # grounding_selfcheck, once per engine
@@ -204,7 +205,11 @@ class GroundingCapture:
         self._cpu_seconds, self._events = 0.0, []
         return timing
 
-    def arm(self, num_draft_tokens: list[int]) -> None:
+    def arm(self, num_draft_tokens: list[int], widest_step_context: int | None = None) -> None:
+        """For the coming forward: each request's drafted rows and, known on the host, an
+        upper bound of the longest context among the requests with drafts (sizes the TP
+        buffer without a device read; None: read from the device)."""
+        self.widest_step_context = widest_step_context
         m = len(self.layer_positions)
         self.batch = StepBatch(list(num_draft_tokens), [None] * m, [None] * m, [None] * m)
         self.armed = sum(num_draft_tokens) > 0
@@ -248,7 +253,7 @@ class GroundingCapture:
             self._indices = (cu, query_start, attn_metadata.seq_lens[:num_reqs], table[:num_reqs])
             if self.tensor_parallel is not None:
                 self.tensor_parallel.begin(cu, n, self._indices[2], n_list,
-                                           getattr(attn_metadata, "max_seq_len", None))
+                                           self.widest_step_context)
         return self._indices
 
     def _workspace(self, position: int, num_heads: int, step: int, device: torch.device):
@@ -298,13 +303,7 @@ class GroundingCapture:
         else:
             from specguard_vllm.kernels.dispatch import step_head_share_rows
 
-            total_heads = query.shape[1] * self.tensor_parallel.world_size
-            step = max(self.tensor_parallel.max_step_len, 1)
-            self.batch.head_shares[position] = step_head_share_rows(
-                *args, scale=float(impl.scale), total_heads=total_heads,
-                out=self.tensor_parallel.rows[position], max_step_len=step,
-                query_start=query_start,
-                workspace=self._workspace(position, query.shape[1], step, query.device))
+            self._head_shares(position, args, float(impl.scale), query_start)
         if on_gpu:
             end.record()
             self._events.append((start, end))
@@ -337,6 +336,31 @@ class GroundingCapture:
                 block[:rows, :step].copy_(reference[1][:rows])
         batch.prefix_mass[position] = prefix_mass
         batch.block[position] = block
+
+    def _head_shares(self, position: int, args: tuple, scale: float,
+                     query_start: torch.Tensor) -> None:
+        """TP > 1: this rank's heads' share of each step row's head average, unthresholded
+        (summed over the TP group by the verifier); the kernel is checked against its
+        reference on the first use, as at TP = 1."""
+        from specguard_vllm.kernels.dispatch import step_head_share_rows, use_triton
+        from specguard_vllm.plugin import grounding_selfcheck
+
+        query, tp = args[0], self.tensor_parallel
+        step = max(tp.max_step_len, 1)
+        kw = {"scale": scale, "total_heads": query.shape[1] * tp.world_size,
+              "max_step_len": step, "query_start": query_start}
+        checking = not self.kernel_checked and use_triton(query)
+        out = step_head_share_rows(*args, out=tp.rows[position], **kw,
+                                   workspace=self._workspace(position, query.shape[1], step,
+                                                             query.device))
+        if checking:
+            from specguard_vllm.kernels.step_grounding_ref import step_head_share_rows_ref
+
+            self.kernel_checked = True
+            reference = step_head_share_rows_ref(*args, out=torch.empty_like(out), **kw)
+            if not grounding_selfcheck.check_head_share_kernel(out, reference, self.batch.total):
+                out.copy_(reference)
+        self.batch.head_shares[position] = out
 
     def attach_to(self, layers) -> None:
         """Make this capture reachable from the grounding layers' ``Attention`` objects."""

@@ -136,7 +136,20 @@ class SpecGuardRunnerState:
         if self.grounding_skipped:
             self.capture.clear()
         else:
-            self.capture.arm(num_draft_tokens)
+            self.capture.arm(num_draft_tokens, self._widest_step_context(num_draft_tokens))
+
+    def _widest_step_context(self, num_draft_tokens: list[int]) -> int | None:
+        """The longest context of a request with drafts in this forward, bounded on the host
+        from vLLM 0.32's ``optimistic_seq_lens_cpu`` (filled before this point of the step;
+        every draft of the last step assumed accepted, so never short). None where the
+        runner has no such array (the capture then reads the device)."""
+        optimistic = getattr(self.runner, "optimistic_seq_lens_cpu", None)
+        n = len(num_draft_tokens)
+        if optimistic is None or optimistic.shape[0] < n:
+            return None
+        drafted = np.asarray(num_draft_tokens, dtype=np.int64) > 0
+        contexts = optimistic[:n].numpy()[drafted]
+        return int(contexts.max()) if contexts.size else 0
 
     def _batch_reads_grounding(self, num_draft_tokens: list[int]) -> bool:
         if self.runner.input_batch.num_reqs < len(num_draft_tokens):  # dummy / profiling runs
