@@ -207,3 +207,20 @@ def test_two_rank_captures_reduced_by_the_verifier_equal_one_rank(monkeypatch):
         torch.testing.assert_close(g_min(capture), want, rtol=0, atol=1e-5)
     assert len(reductions) == 2  # one per rank's forward, for both layers at once
     assert want[1] == 1.0 and bool((want[[0, 2, 3]] < 1.0).all())
+
+
+def test_widest_step_context_is_the_hosts_bound_over_the_requests_with_drafts():
+    """The TP buffer's width comes from vLLM's host ``optimistic_seq_lens_cpu`` of the
+    requests with drafts (a long prefill without drafts adds none); without that array the
+    capture falls back to reading the device."""
+    from types import SimpleNamespace
+
+    from specguard_vllm.plugin.runner_state import SpecGuardRunnerState
+
+    state = SpecGuardRunnerState.__new__(SpecGuardRunnerState)
+    state.runner = SimpleNamespace(
+        optimistic_seq_lens_cpu=torch.tensor([33, 4000, 14, 63, 0, 0], dtype=torch.int32))
+    assert state._widest_step_context([3, 0, 5, 2]) == 63
+    assert state._widest_step_context([0, 0, 0, 0]) == 0
+    state.runner = SimpleNamespace()
+    assert state._widest_step_context([3, 0]) is None
