@@ -164,7 +164,8 @@ def draft_sample_triton(logits: torch.Tensor, uniforms: torch.Tensor,
     require_index_tensors(logits.device)
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _launch(logits, tokens, logprobs, sample=True, uniforms=uniforms.to(torch.float32),
+    uniforms = uniforms.to(torch.float32)  # a strided column stays a view when float32
+    _launch(logits, tokens, logprobs, sample=True, uniforms=uniforms,
             u_stride=uniforms.stride(0) if rows else 1,
             greedy=None if greedy is None else greedy.contiguous(), inv_t=1.0 / temperature,
             block_v=block_v)

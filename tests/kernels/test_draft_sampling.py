@@ -101,6 +101,9 @@ def test_strided_uniforms_and_flags_are_read_per_row(device):
                                temperature=0.7, block_v=16)
     ref = draft_sample_ref(logits.cpu(), draws[:, 3].cpu(), flags[:, 1].cpu(), temperature=0.7)
     assert torch.equal(got[0], want[0]) and torch.equal(got[0].cpu(), ref[0])
+    wide = draft_sample_triton(logits, draws.double()[:, 3], flags[:, 1], temperature=0.7,
+                               block_v=16)  # converted to float32: a dense copy, its own stride
+    assert torch.equal(wide[0], want[0])
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
