@@ -202,6 +202,39 @@ def bench_min_logprob(step: int, batch: int, device: str, reps: int) -> dict:
     return row
 
 
+def bench_draft_position(rows: int, vocab: int, device: str, reps: int) -> dict:
+    """One draft position of the proposer (k candidates x batch rows): the reference's ~20
+    ops against the one fused launch (eager, and replayed in a CUDA graph)."""
+    from specguard_vllm.kernels.draft_sampling_ref import (
+        DraftRowState, StepTable, draft_position_ref)
+
+    gen = torch.Generator().manual_seed(rows)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dt).to(device)
+    flat = torch.randint(0, 3, (4 * vocab,), generator=gen).to(device)  # END (3) never reached:
+    # every row stays in its step, so each timed call samples every row
+    uniforms = torch.rand(rows, 16, generator=gen).to(device)
+    fresh = lambda: DraftRowState(  # noqa: E731 - the same state shape each call
+        open=torch.ones(rows, dtype=torch.bool, device=device),
+        open_pushes=torch.zeros(rows, dtype=torch.int64, device=device),
+        states=torch.zeros(rows, dtype=torch.int64, device=device),
+        tail_open=torch.ones(rows, dtype=torch.bool, device=device),
+        kept=torch.zeros(rows, dtype=torch.int64, device=device),
+        stop_below=torch.full((rows,), -1.0, device=device))
+    table, state = StepTable(flat, vocab, 3), fresh()
+    kw = dict(temperature=0.7, u_col=5)
+    row = {"kernel": "draft_position", "rows": rows, "vocab": vocab, "device": device}
+    row["reference_ms"] = 1e3 * timed(
+        lambda: draft_position_ref(logits, uniforms, None, state, table, **kw), device, reps)
+    if device == "cuda":
+        from specguard_vllm.kernels.draft_sampling import draft_position_triton
+
+        call = lambda: draft_position_triton(logits, uniforms, None, state, table, **kw)  # noqa: E731
+        row["triton_ms"] = 1e3 * timed(call, device, reps)
+        row["graph_ms"] = 1e3 * graph_timed(call, reps)
+    return row
+
+
 def grid(device: str, quick: bool) -> list[tuple[int, int, int]]:
     if device == "cuda":
         ctxs, steps, batches = [1024, 4096, 16384, 32768], [4, 8, 32], [1, 8]
@@ -263,6 +296,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{step:>4} {batch:>5} {row['reference_ms']:>12.3f}"
               + (f" {row['triton_ms']:>8.3f} {row['graph_ms']:>8.3f} {row['bandwidth_GBs']:>6.0f}"
                  if device == "cuda" else ""),
+              flush=True)
+        result["rows"].append(row)
+    print(f"draft position (sampling + tail stop + step automaton, T 0.7)\n{'rows':>5} "
+          f"{'vocab':>6} {'reference ms':>12}"
+          + (f" {'eager ms':>8} {'graph ms':>8} {'speedup':>7}" if device == "cuda" else ""))
+    for rows, vocab in [(64, 32000), (256, 32000), (256, VOCAB), (1024, VOCAB)] \
+            if device == "cuda" else [(64, 32000), (256, 32000)]:
+        row = bench_draft_position(rows, vocab, device, reps)
+        print(f"{rows:>5} {vocab:>6} {row['reference_ms']:>12.3f}"
+              + (f" {row['triton_ms']:>8.3f} {row['graph_ms']:>8.3f}"
+                 f" {row['reference_ms'] / row['triton_ms']:>7.1f}" if device == "cuda" else ""),
               flush=True)
         result["rows"].append(row)
     if device == "cuda":

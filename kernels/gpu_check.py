@@ -183,6 +183,100 @@ def check_min_logprob() -> int:
     return failures
 
 
+def check_draft_position(device: str = "cuda", trials: int = 12,
+                         vocabs: tuple[int, ...] = (32000, 128256, 151936), rows: int = 256) -> int:
+    """One draft position in one launch against the reference: the rows' state the kernel
+    leaves is exactly the reference's update for the tokens it drew, greedy rows take the
+    first argmax, sampled rows the reference's draw away from a CDF boundary."""
+    from .draft_sampling import draft_position_triton
+    from .draft_sampling_ref import DraftRowState, StepTable, draft_position_ref, update_rows_ref
+
+    failures = 0
+    for trial in range(trials):
+        gen = torch.Generator().manual_seed(trial)
+        vocab = vocabs[trial % len(vocabs)]
+        dtype = (torch.float32, torch.float16, torch.bfloat16)[trial % 3]
+        temperature = (0.7, 0.0, 1.3)[trial % 3]
+        all_tails = trial % 4 == 3
+        states_n = 5
+        logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+        flat = torch.randint(0, states_n + 1, ((states_n + 1) * vocab,), generator=gen)
+        flat[states_n * vocab:] = states_n
+        states = torch.randint(0, states_n + 1, (rows,), generator=gen)
+        state = DraftRowState(
+            open=states != states_n, open_pushes=torch.randint(0, 9, (rows,), generator=gen),
+            states=states, tail_open=torch.rand(rows, generator=gen) < 0.7,
+            kept=torch.randint(0, 9, (rows,), generator=gen),
+            stop_below=torch.full((rows,), -1.0))
+        greedy = torch.rand(rows, generator=gen) < 0.1
+        uniforms = torch.rand(rows + 7, 16, generator=gen).clamp(min=1e-6)
+        u_rows = torch.randperm(rows + 7, generator=gen)[:rows]
+        table = StepTable(flat, vocab, states_n)
+        kw = dict(temperature=temperature, u_col=trial % 16, all_tails=all_tails)
+        to = lambda t: t.to(device)  # noqa: E731
+        got_state = DraftRowState(*[to(t.clone()) for t in state])
+        tokens, lp = draft_position_triton(
+            to(logits), to(uniforms), to(greedy), got_state,
+            StepTable(to(flat), vocab, states_n), u_rows=to(u_rows), **kw)
+        tokens, lp = tokens.cpu(), lp.cpu()
+        replayed = DraftRowState(*[t.clone() for t in state])
+        update_rows_ref(tokens, lp, replayed, None if all_tails else table, all_tails=all_tails)
+        state_ok = all(torch.equal(a.cpu(), b) for a, b in zip(got_state, replayed))
+        want_tokens, _ = draft_position_ref(logits, uniforms, greedy,
+                                            DraftRowState(*[t.clone() for t in state]), table,
+                                            u_rows=u_rows, **kw)
+        x = logits.float()
+        lp_ok = torch.allclose(lp, torch.log_softmax(x, -1).gather(1, tokens[:, None])[:, 0],
+                               atol=1e-4, rtol=1e-4)
+        same = (tokens == want_tokens).float().mean().item()
+        greedy_rows = greedy | ~state.open if temperature > 0 and not all_tails \
+            else torch.ones(rows, dtype=torch.bool)
+        greedy_ok = torch.equal(tokens[greedy_rows], x.argmax(-1)[greedy_rows])
+        if not (state_ok and lp_ok and greedy_ok and same >= 0.99):
+            failures += 1
+            print(f"  FAIL draft position vocab {vocab} {dtype} T {temperature} tails-only "
+                  f"{all_tails}: state {state_ok}, log-probs {lp_ok}, greedy {greedy_ok}, "
+                  f"same tokens {same:.3f}")
+    print(f"draft position vs reference: {trials} cases of {rows} rows, {failures} failures")
+    return failures
+
+
+def check_head_shares(device: str = "cuda", trials: int = 12, max_ctx: int = 3000,
+                      head_dim: tuple[int, ...] = (64, 128)) -> int:
+    """Tensor parallelism's head-share rows (pass 1 + the head-share pass) against the
+    per-request reference, on a dirty buffer."""
+    from .step_grounding import step_head_share_rows_triton
+    from .step_grounding_ref import step_head_share_rows_ref
+    from .testing import LAYOUTS, make_grounding_case
+
+    rng, failures, worst = random.Random(1), 0, 0.0
+    for trial in range(trials):
+        hkv, group = rng.choice([(1, 8), (2, 4), (4, 1), (2, 3)])
+        steps = [rng.randint(0, 8) for _ in range(rng.randint(1, 5))]
+        ctxs = [rng.randint(0, max_ctx) for _ in steps]
+        dtype = (torch.float32, torch.float16, torch.bfloat16)[trial % 3]
+        case = make_grounding_case(steps, ctxs, num_heads=hkv * group, num_kv_heads=hkv,
+                                   head_dim=rng.choice(head_dim), block_size=16, dtype=dtype,
+                                   layout=LAYOUTS[trial % min(3, len(LAYOUTS))], device=device,
+                                   max_step_len=8, q_gain=2.0, seed=100 + trial)
+        keys, total = max(int(case.seq_lens.max()), 1) + 3, max(case.num_step_tokens, 1)
+        kw = dict(scale=case.scale, total_heads=hkv * group * 2, query_start=case.query_start)
+        got = step_head_share_rows_triton(
+            *case.args, out=torch.full((total, keys), 5.0, device=device), max_step_len=8, **kw)
+        want = step_head_share_rows_ref(
+            *case.args, out=torch.full((total, keys), 5.0, device=device), **kw)
+        t = case.num_step_tokens
+        err = (got[:t] - want[:t]).abs().max().item() if t else 0.0
+        worst = max(worst, err)
+        if err > 1e-4:
+            failures += 1
+            print(f"  FAIL head shares {dtype} gqa {hkv}x{group} steps {steps} ctx {ctxs}: "
+                  f"max err {err:.2e}")
+    print(f"TP head shares vs reference: {trials} random ragged batches, worst abs err "
+          f"{worst:.2e}, {failures} failures")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=".run/kernels-bench-gpu.json")
@@ -195,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}")
     t0 = time.time()
-    failures = (check_grounding() + check_min_logprob() + check_arrival_ordering()
-                + check_cuda_graph())
+    failures = (check_grounding() + check_min_logprob() + check_draft_position()
+                + check_head_shares() + check_arrival_ordering() + check_cuda_graph())
     print(f"checks: {failures} failures ({time.time() - t0:.0f} s)", flush=True)
     from benchmarks.kernels import main as bench
 

@@ -55,3 +55,12 @@ def test_cpu_dispatch_of_draft_sampling_is_the_reference():
     got = draft_sample(logits, u, greedy, temperature=0.7)
     want = draft_sample_ref(logits, u, greedy, temperature=0.7)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_gpu_check_of_the_new_kernels_runs_and_passes_in_the_interpreter(device):
+    """`make gpu-check`'s draft-position and TP head-share checks, on small cases here (in
+    Triton's interpreter on CPU), so the check a device session runs is known to work."""
+    from specguard_vllm.kernels.gpu_check import check_draft_position, check_head_shares
+
+    assert check_draft_position(device, trials=4, vocabs=(97, 300), rows=9) == 0
+    assert check_head_shares(device, trials=3, max_ctx=60, head_dim=(16,)) == 0
