@@ -7,7 +7,8 @@ never a stall (on CUDA a pageable copy is a synchronous one).
 ``read_to_host`` / ``waits_for_device``: the few places where the step *must* wait for the
 device (the verifier's one read of the step's results, the committed tokens the step table
 needs before drafting, the drafted rows the scheduler needs, the lagged early-stop flags of
-step ends and stopped tails). Each is named and counted in ``HOST_READS``, and is exempt from
+step ends and stopped tails; with ``SPECGUARD_DECISION_LOG`` set, a debugging aid, also the
+logged drafts, "decision_log"). Each is named and counted in ``HOST_READS``, and is exempt from
 ``torch.cuda.set_sync_debug_mode``, so a test can run the engine step under "error": any
 *other* sync raises, and the named ones are held to their count per step.
 """

@@ -52,7 +52,8 @@ from specguard_vllm.core.decision import StepDecision, decide_steps
 from specguard_vllm.core.grounding import ragged_step_stats, rollout_grounding_min
 from specguard_vllm.kernels.dispatch import step_min_logprob
 from specguard_vllm.plugin.grounding_capture import tensor_parallel_rank_and_size
-from specguard_vllm.plugin.host_transfer import array_to_device, copy_to_host, rows_to_device
+from specguard_vllm.plugin.host_transfer import (
+    array_to_device, copy_to_host, read_to_host, rows_to_device)
 from specguard_vllm.plugin.step_state import NO_LENGTH, StepMode, StepVerdicts, row_verdicts
 
 if TYPE_CHECKING:
@@ -394,7 +395,9 @@ class SpecGuardRejectionSampler(RejectionSampler):
             decisions = [StepDecision(l_list[i], None if skipped else g_list[i], s_list[i],
                                       bool(accepted_h[i])) if rows.judged[i] else None
                          for i in range(num_rows)]
-            self._log_decisions(req_ids, decisions, metadata.draft_token_ids.tolist(), n_list,
+            # Debug only (SPECGUARD_DECISION_LOG): two more host reads, named as such.
+            self._log_decisions(req_ids, decisions,
+                                read_to_host(metadata.draft_token_ids, "decision_log"), n_list,
                                 step_lens, cuts_h.tolist(), outcome.token_level.tolist(),
                                 proposed.tolist(), rows.truncated.tolist(), out)
         if self.metrics is not None:
@@ -412,7 +415,7 @@ class SpecGuardRejectionSampler(RejectionSampler):
         truncated, then with ``truncated_step``, the step's proposed length); ``committed`` is
         how many tokens the row committed (kept drafts plus the target's own last token)."""
         context_lens = self.runner.input_batch.num_tokens_no_spec
-        committed = (out != PLACEHOLDER_TOKEN_ID).sum(dim=1).tolist()
+        committed = read_to_host((out != PLACEHOLDER_TOKEN_ID).sum(dim=1), "decision_log")
         lines, offset = [], 0
         for i, decision in enumerate(decisions):
             n = n_list[i]
