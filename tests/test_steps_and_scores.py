@@ -186,3 +186,18 @@ def test_per_request_tau_and_beta():
     torch.testing.assert_close(score, torch.tensor([0.8, 0.2]))
     assert accepted.tolist() == [True, False]
     assert math.isclose(float(ensemble_score(torch.tensor(0.0), torch.tensor(0.0), 0.5, -5.0)), 0.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 5), max_size=6), start=st.integers(0, 4),
+       extra=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_min_logprob_per_step_matches_the_slices_whatever_the_offset_and_padding(
+        lengths, start, extra, seed):
+    """Token i of ``logprobs`` is token cu[0] + i; values past the last step are ignored; no
+    step gives an empty result (the search-based owner needs no host read of the lengths)."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([start] + [start + sum(lengths[: i + 1]) for i in range(len(lengths))])
+    values = -torch.rand(sum(lengths) + extra, generator=gen) * 5
+    want = [float(values[int(cu[i]) - start: int(cu[i + 1]) - start].min())
+            if lengths[i] else 0.0 for i in range(len(lengths))]
+    assert min_logprob_per_step(values, cu).tolist() == want

@@ -24,13 +24,22 @@ def min_logprob_per_step(logprobs: torch.Tensor, cu_num_tokens: torch.Tensor) ->
     An empty step's minimum is 0.0 (no token to doubt): it stays finite, and a
     step without tokens is never judged anyway. Returns ``[B]`` float32.
     """
-    counts = (cu_num_tokens[1:] - cu_num_tokens[:-1]).long().to(logprobs.device)
-    if (counts < 0).any():
+    device = logprobs.device
+    cu = cu_num_tokens.long().to(device)
+    counts = cu[1:] - cu[:-1]
+    if device.type == "cpu" and (counts < 0).any():  # checked where it costs no device sync
         raise ValueError("cu_num_tokens must be non-decreasing")
     num_steps = counts.numel()
-    owner = torch.repeat_interleave(torch.arange(num_steps, device=logprobs.device), counts)
-    mins = torch.full((num_steps,), float("inf"), dtype=torch.float32, device=logprobs.device)
-    mins.scatter_reduce_(0, owner, logprobs[: owner.numel()].float(), reduce="amin")
+    if num_steps == 0:
+        return torch.zeros(0, dtype=torch.float32, device=device)
+    # logprobs[i] is token cu[0] + i. Each token's step by a search over the step ends (no
+    # host read of the lengths, which repeat_interleave would need); tokens past cu[-1]
+    # belong to none.
+    position = cu[:1] + torch.arange(logprobs.shape[0], device=device)
+    owner = torch.searchsorted(cu[1:], position, right=True)
+    values = torch.where(owner < num_steps, logprobs.float(), float("inf"))
+    mins = torch.full((num_steps,), float("inf"), dtype=torch.float32, device=device)
+    mins.scatter_reduce_(0, owner.clamp(max=num_steps - 1), values, reduce="amin")
     return torch.where(counts > 0, mins, torch.zeros_like(mins))
 
 
