@@ -173,6 +173,26 @@ def _grounding_pass1(
 
 
 @triton.jit
+def _head_sum_tile(q_ptr, k_ptr, bt_row_ptr, lse_ptr, q_row, row0, i, g, row_ok, ok, pos, pos_ok,
+                   d, d_ok, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_lt, scale_log2,
+                   page_size, group, num_kv_heads, N_PAD: tl.constexpr, G_PAD: tl.constexpr,
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """``[N_PAD, BLOCK_N]``: each step token's attention probabilities on one key tile, summed
+    over the heads (pass 1's normalisers; 0 where ``ok`` is False). Pass 2 and the TP
+    head-share pass both start from it."""
+    acc = tl.zeros([N_PAD, BLOCK_N], tl.float32)
+    for kvh in range(num_kv_heads):
+        head = kvh * group + g
+        q = _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST)
+        lse = tl.load(lse_ptr + (row0 + i).to(tl.int64) * s_lt + head, mask=row_ok, other=0.0)
+        s = _tile_scores(q, k_ptr, bt_row_ptr, pos, pos_ok, kvh, page_size,
+                         s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        acc += tl.sum(tl.reshape(p, [N_PAD, G_PAD, BLOCK_N]), 1)
+    return acc
+
+
+@triton.jit
 def _grounding_pass2(
     q_ptr, k_ptr, bt_ptr, seq_lens_ptr, cu_ptr, qs_ptr, lse_ptr, sums_ptr, bk_ptr, ba_ptr,
     pm_ptr, blk_ptr, cnt_ptr,
@@ -205,15 +225,10 @@ def _grounding_pass2(
         pos = t0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
         ok = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] < row_lim[:, None])
-        acc = tl.zeros([N_PAD, BLOCK_N], tl.float32)
-        for kvh in range(num_kv_heads):
-            head = kvh * group + g
-            q = _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST)
-            lse = tl.load(lse_ptr + (row0 + i).to(tl.int64) * s_lt + head, mask=row_ok, other=0.0)
-            s = _tile_scores(q, k_ptr, bt_ptr + b * s_bt, pos, pos_ok, kvh, page_size,
-                             s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            acc += tl.sum(tl.reshape(p, [N_PAD, G_PAD, BLOCK_N]), 1)
+        acc = _head_sum_tile(q_ptr, k_ptr, bt_ptr + b * s_bt, lse_ptr, q_row, row0, i, g, row_ok,
+                             ok, pos, pos_ok, d, d_ok, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd,
+                             s_lt, scale_log2, page_size, group, num_kv_heads,
+                             N_PAD, G_PAD, BLOCK_N, UPCAST)
         avg = acc * inv_heads  # 0 on masked keys
         kept = tl.where(avg >= sparsity, avg, 0.0)
         on_prefix = (pos < prefix_len)[None, :]
@@ -291,15 +306,10 @@ def _head_share_pass(
         pos = t0 + tl.arange(0, BLOCK_N)
         pos_ok = pos < end
         ok = row_ok[:, None] & pos_ok[None, :] & (pos[None, :] < row_lim[:, None])
-        acc = tl.zeros([N_PAD, BLOCK_N], tl.float32)
-        for kvh in range(num_kv_heads):
-            head = kvh * group + g
-            q = _load_q(q_ptr, q_row, i, head, row_ok, d, d_ok, s_qt, s_qh, s_qd, UPCAST)
-            lse = tl.load(lse_ptr + (row0 + i).to(tl.int64) * s_lt + head, mask=row_ok, other=0.0)
-            s = _tile_scores(q, k_ptr, bt_ptr + b * s_bt, pos, pos_ok, kvh, page_size,
-                             s_kb, s_kt, s_kh, s_kd, d, d_ok, UPCAST) * scale_log2
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            acc += tl.sum(tl.reshape(p, [N_PAD, G_PAD, BLOCK_N]), 1)
+        acc = _head_sum_tile(q_ptr, k_ptr, bt_ptr + b * s_bt, lse_ptr, q_row, row0, i, g, row_ok,
+                             ok, pos, pos_ok, d, d_ok, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd,
+                             s_lt, scale_log2, page_size, group, num_kv_heads,
+                             N_PAD, G_PAD, BLOCK_N, UPCAST)
         # Never past the buffer's columns (sized from a host bound of the contexts).
         tl.store(out_row + pos[None, :], acc * inv_heads,
                  mask=tok_ok[:, None] & (pos_ok & (pos < out_cols))[None, :])
